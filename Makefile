@@ -1,0 +1,38 @@
+# promptstash: `make serve` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# torch==2.13.0 takes the machine's local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup serve test bench lint generate clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade --quiet pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_PIN)"
+	$(PIP) install --quiet -e ".[gguf,model,test]"
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/promptstash serve
+
+test: setup
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/promptstash bench prefix --out benchmarks/results
+
+generate: setup
+	$(VENV)/bin/promptstash generate "What is the capital of France?"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

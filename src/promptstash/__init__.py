@@ -1,0 +1,1 @@
+"""promptstash: exact, reusable prompt caching."""
