@@ -1,0 +1,162 @@
+"""The only cache API the scheduler uses: prefix matching, block tables, publishing and release.
+
+A sequence's block table covers the tokens whose K/V are (or are about to be) in the pool:
+
+    token:   0 ........ B-1 | B ....... 2B-1 | 2B ... (partial)
+    table:   [ block a      | block b        | block c          ]
+             shared (hit)     shared (hit)     owned, not yet full -> never published
+
+Only full blocks are published (hash -> block) and only after their K/V have been computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from promptstash.cache.block_pool import Block, BlockPool, PoolUsage
+from promptstash.cache.hashing import extend_hashes, root_hash
+from promptstash.cache.prefix_index import PrefixIndex
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    num_evictions: int
+    num_published_blocks: int
+    usage: PoolUsage
+
+
+@dataclass
+class _Seq:
+    root: bytes
+    block_ids: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # of every full block of the tokens seen so far
+    num_published: int = 0  # leading blocks already published or shared from the cache
+    matching: bool = True  # nothing computed yet beyond cache hits, so later hits may still extend
+
+
+class CacheManager:
+    def __init__(self, num_blocks: int, block_size: int, model_id: str, kv_layout: str,
+                 enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.model_id = model_id
+        self.kv_layout = kv_layout
+        self.enable_prefix_caching = enable_prefix_caching
+        self.index = PrefixIndex()
+        self.pool = BlockPool(num_blocks, on_evict=self._on_evict)
+        self._seqs: dict[str, _Seq] = {}
+        self._pending: dict[bytes, str] = {}  # block hash -> seq that will compute it
+        self._num_published = 0
+
+    def _on_evict(self, block: Block) -> None:
+        assert block.block_hash is not None
+        self.index.remove(block.block_hash, block.block_id)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def open(self, seq_id: str, token_ids: Sequence[int], namespace: str) -> int:
+        """Start tracking a sequence; share its longest cached prefix. Returns the cached token count.
+
+        NOTE: at most len(token_ids) - 1 tokens are matched, so at least one token is computed for logits.
+        """
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} is already open")
+        seq = _Seq(root=root_hash(self.model_id, self.kv_layout, namespace))
+        extend_hashes(seq.hashes, seq.root, token_ids, self.block_size)
+        self._seqs[seq_id] = seq
+        num_cached = self._match_more(seq_id, seq, len(token_ids))
+        if self.enable_prefix_caching:
+            for h in seq.hashes[len(seq.block_ids):]:
+                if self.index.get(h) is None:
+                    self._pending.setdefault(h, seq_id)
+        return num_cached
+
+    def extend_match(self, seq_id: str, num_tokens: int) -> int:
+        """Share blocks published since open() (by concurrent requests). Returns the cached token count.
+
+        Only while the sequence has computed nothing itself; afterwards it returns the current count.
+        """
+        return self._match_more(seq_id, self._seqs[seq_id], num_tokens)
+
+    def _match_more(self, seq_id: str, seq: _Seq, num_tokens: int) -> int:
+        if self.enable_prefix_caching and seq.matching:
+            max_blocks = (num_tokens - 1) // self.block_size
+            for block_id in self.index.longest_prefix(seq.hashes, len(seq.block_ids), max_blocks):
+                self.pool.touch(block_id)
+                seq.block_ids.append(block_id)
+                if self._pending.get(seq.hashes[len(seq.block_ids) - 1]) == seq_id:
+                    del self._pending[seq.hashes[len(seq.block_ids) - 1]]
+            seq.num_published = len(seq.block_ids)
+        return len(seq.block_ids) * self.block_size
+
+    def waits_for_other(self, seq_id: str, num_computed: int) -> bool:
+        """True if the next block this sequence would compute is being computed by another sequence."""
+        seq = self._seqs[seq_id]
+        if not seq.matching or num_computed % self.block_size:
+            return False
+        j = num_computed // self.block_size
+        return j < len(seq.hashes) and self._pending.get(seq.hashes[j], seq_id) != seq_id
+
+    def allocate(self, seq_id: str, num_tokens: int) -> bool:
+        """Make the block table cover num_tokens tokens. False (nothing changed) if the pool is short."""
+        seq = self._seqs[seq_id]
+        need = -(-num_tokens // self.block_size) - len(seq.block_ids)
+        if need <= 0:
+            return True
+        new = self.pool.allocate(need)
+        if new is None:
+            return False
+        seq.block_ids.extend(new)
+        return True
+
+    def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Record that the first num_computed tokens' K/V are in the pool; publish newly full blocks."""
+        seq = self._seqs[seq_id]
+        seq.matching = False
+        extend_hashes(seq.hashes, seq.root, token_ids, self.block_size)
+        num_full = num_computed // self.block_size
+        for j in range(seq.num_published, num_full):
+            h = seq.hashes[j]
+            if self.enable_prefix_caching and self.index.insert(h, seq.block_ids[j]):
+                self.pool.set_hash(seq.block_ids[j], h)
+                self._num_published += 1
+            if self._pending.get(h) == seq_id:
+                del self._pending[h]
+        seq.num_published = max(seq.num_published, num_full)
+
+    def close(self, seq_id: str) -> None:
+        """Release a finished, aborted or preempted sequence: tail blocks become evictable first."""
+        seq = self._seqs.pop(seq_id)
+        for h in seq.hashes:
+            if self._pending.get(h) == seq_id:
+                del self._pending[h]
+        self.pool.release(reversed(seq.block_ids))
+
+    # -- queries ---------------------------------------------------------------------------------
+    def block_table(self, seq_id: str) -> list[int]:
+        return self._seqs[seq_id].block_ids
+
+    def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(self._seqs[seq_id].block_ids))
+
+    @property
+    def num_available_blocks(self) -> int:
+        return self.pool.num_available
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self.pool.num_evictions, self._num_published, self.pool.usage())
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless pool states, ref counts and the index agree."""
+        self.pool.check()
+        refs = [0] * self.pool.num_blocks
+        for seq in self._seqs.values():
+            for block_id in seq.block_ids:
+                refs[block_id] += 1
+        for block in self.pool.blocks:
+            assert block.ref_count == refs[block.block_id], (
+                f"block {block.block_id}: ref_count {block.ref_count} but {refs[block.block_id]} tables hold it"
+            )
+        for h, block_id in self.index.items():
+            assert self.pool.blocks[block_id].block_hash == h, f"index entry for block {block_id} is stale"
+        num_hashed = sum(1 for b in self.pool.blocks if b.block_hash is not None)
+        assert num_hashed == len(self.index), f"{num_hashed} hashed blocks but {len(self.index)} index entries"

@@ -1,0 +1,75 @@
+"""Engine options, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from promptstash.errors import InvalidRequestError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Chosen by measurement on a 2-core CPU (see README, "Choosing the dtype"): bfloat16 runs the default
+# model's prefill about twice as fast as float32, and decode too.
+CPU_DEFAULT_DTYPE = "bfloat16"
+CUDA_DEFAULT_DTYPE = "bfloat16"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF directory or .gguf file; None = the default model
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # KV pool size in blocks; None = kv_cache_tokens / block_size
+    kv_cache_tokens: int = 32768
+    max_num_seqs: int = 16  # requests running at once
+    max_prefill_tokens: int = 512  # prefill tokens per step (chunk size)
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # None = the model's context window
+    cache_dir: str | None = None  # where converted models live; None = ~/.cache/promptstash
+    progress: bool = True  # progress bars while converting / loading
+    num_threads: int | None = None  # torch CPU threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_prefill_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise InvalidRequestError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.max_prefill_tokens % self.block_size:
+            raise InvalidRequestError(
+                f"max_prefill_tokens ({self.max_prefill_tokens}) must be a multiple of block_size ({self.block_size})"
+            )
+        try:
+            torch.device(self.device)
+        except RuntimeError as exc:
+            raise InvalidRequestError(f"invalid device {self.device!r}: {exc}") from None
+
+    @classmethod
+    def from_options(cls, model: str | None = None, **options: Any) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(model=model, **options)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        return DTYPES[CUDA_DEFAULT_DTYPE if self.torch_device.type == "cuda" else CPU_DEFAULT_DTYPE]
+
+    @property
+    def pool_blocks(self) -> int:
+        return self.num_blocks if self.num_blocks is not None else -(-self.kv_cache_tokens // self.block_size)

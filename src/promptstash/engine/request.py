@@ -1,0 +1,105 @@
+"""One generation request: its tokens, progress, output text and timings."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from promptstash.engine.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """What one engine step produced for one request (what a streaming client receives)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+
+
+class StopChecker:
+    """Turns sampled tokens into text, cuts it at the first stop string, and holds back a tail that
+    could still turn into a stop string (so streamed text never has to be taken back)."""
+
+    def __init__(self, decoder, stop: tuple[str, ...]) -> None:
+        self._decoder = decoder
+        self._stop = stop
+        self._holdback = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self._emitted = 0
+
+    def push(self, token_id: int) -> bool:
+        """Add a token's text; True if a stop string appeared (text is then cut before it)."""
+        piece = self._decoder.push(token_id)
+        if not piece:
+            return False
+        start = max(0, len(self.text) - self._holdback)
+        self.text += piece
+        for s in self._stop:
+            at = self.text.find(s, start)
+            if at != -1:
+                self.text = self.text[:at]
+                return True
+        return False
+
+    def take(self, final: bool) -> str:
+        """Text not yet handed out; all of it when final, else all but the held-back tail."""
+        end = len(self.text) if final else max(self._emitted, len(self.text) - self._holdback)
+        new = self.text[self._emitted:end]
+        self._emitted = end
+        return new
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    namespace: str
+    stop_checker: StopChecker
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    on_update: Callable[[RequestUpdate], None] | None = None
+    want_prompt_logits: bool = False
+
+    token_ids: list[int] = field(init=False)  # prompt then output; K/V exist for token_ids[:num_computed]
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed: int = 0
+    num_cached_tokens: int = -1  # set at first admission
+    finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,136 @@
+"""Continuous batching: each step computes a chunk of tokens for every running request.
+
+A request computes token_ids[num_computed:] in chunks; when a chunk reaches the end of its tokens the
+step samples its next token (so decode is just a chunk of one token). Prefill chunks share a per-step
+budget of `max_prefill_tokens`; decode tokens do not count against it.
+
+NOTE: prefill chunks end at absolute multiples of `max_prefill_tokens` where the budget allows, so a
+prompt is cut into the same chunks whether or not part of it came from the cache:
+
+    tokens:     0 ........ C ........ 2C ..... len
+    cache off:  [ chunk   )[ chunk    )[ chunk  )
+    cache hit:  [ cached blocks ...  )[chunk )      <- last chunk ends at the same place
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from promptstash.cache.manager import CacheManager
+from promptstash.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+class Scheduler:
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_prefill_tokens: int) -> None:
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.block_size = cache.block_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_query_tokens = 0  # prompt tokens looked up in the cache (first admission only)
+        self.num_hit_tokens = 0  # of those, served from the cache
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, request: Request) -> None:
+        """Give a running request's blocks back; it restarts later, hitting its own cached blocks."""
+        self.cache.close(request.request_id)
+        self.running.remove(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished or aborted request and release its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+            self.cache.close(request.request_id)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """Chunks to compute in this step; at most one per request."""
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[str] = set()
+        budget = self.max_prefill_tokens
+        for request in list(self.running):
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            chunk = self._schedule_one(request, budget, scheduled, may_preempt=True)
+            if chunk is not None:
+                budget -= self._prefill_cost(chunk)
+                chunks.append(chunk)
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            request = self.waiting[0]
+            request.num_computed = self.cache.open(request.request_id, request.token_ids, request.namespace)
+            chunk = self._schedule_one(request, budget, scheduled, may_preempt=False)
+            if chunk is None and not self.cache.waits_for_other(request.request_id, request.num_computed):
+                self.cache.close(request.request_id)  # the pool has no room yet: stay in the queue
+                break
+            self.waiting.popleft()
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = request.num_computed
+                self.num_query_tokens += request.prompt_len
+                self.num_hit_tokens += request.num_computed
+            if chunk is not None:
+                budget -= self._prefill_cost(chunk)
+                chunks.append(chunk)
+        return chunks
+
+    def _prefill_cost(self, chunk: ScheduledChunk) -> int:
+        return 0 if chunk.num_tokens == 1 and chunk.end == len(chunk.request.token_ids) else chunk.num_tokens
+
+    def _chunk_end(self, request: Request, budget: int) -> int:
+        start, total = request.num_computed, len(request.token_ids)
+        if total - start == 1:
+            return total  # a decode token (or a last prompt token): outside the prefill budget
+        end = min(total, (start // self.max_prefill_tokens + 1) * self.max_prefill_tokens)
+        if end - start > budget:
+            end = start + max(budget, 0)
+            end -= end % self.block_size
+        return max(end, start)
+
+    def _schedule_one(self, request: Request, budget: int, scheduled: set[str],
+                      may_preempt: bool) -> ScheduledChunk | None:
+        rid = request.request_id
+        if request.num_computed < len(request.token_ids) - 1:
+            # still in prefill: pick up blocks that concurrent requests have published meanwhile
+            num_cached = self.cache.extend_match(rid, len(request.token_ids))
+            if num_cached > request.num_computed:
+                if request.num_cached_tokens >= 0 and request.num_preemptions == 0:
+                    self.num_hit_tokens += num_cached - request.num_computed
+                    request.num_cached_tokens = num_cached
+                request.num_computed = num_cached
+            if self.cache.waits_for_other(rid, request.num_computed):
+                return None  # the next block is being computed by another request: reuse it later
+        end = self._chunk_end(request, budget)
+        if end <= request.num_computed:
+            return None
+        while not self.cache.allocate(rid, end):
+            victims = [r for r in self.running if r is not request and r.request_id not in scheduled]
+            if not may_preempt or not victims:
+                return None
+            self.preempt(victims[-1])
+        scheduled.add(rid)
+        return ScheduledChunk(request, request.num_computed, end)

@@ -1,0 +1,187 @@
+"""Our own forward pass for the Llama family (Llama 2/3, Mistral, Qwen2/2.5) over a paged KV cache.
+
+Qwen2 is Llama with a bias on the q/k/v projections; Mistral adds an optional sliding window.
+Tokens of every sequence in a step are flattened into one batch of T rows (no padding): the linear
+layers run once over all T rows, attention runs per sequence over that sequence's paged context.
+
+    flattened step:   | seq 0 new tokens | seq 1 new tokens | ... |        T rows
+    KV pool per layer: [num_slots, num_kv_heads, head_dim]; slot = block_id * block_size + offset
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from promptstash.errors import CorruptModelError, UnsupportedArchitectureError
+from promptstash.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SeqAttention:
+    """Attention inputs of one sequence in a step.
+
+    token_start/token_end: its rows in the flattened batch (n = token_end - token_start new tokens).
+    context_slots: [ctx_len] pool slots of every token it attends to, cached ones first, then the new
+      ones (the new tokens are the last n). NOTE: the new tokens' K/V are written before attention.
+    mask: [n, ctx_len] bool (True = may attend), or None when every query sees the whole context
+      (a single decode token without a sliding window).
+    """
+
+    token_start: int
+    token_end: int
+    context_slots: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """Everything one forward step needs, built by the runner."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long, absolute positions in each sequence
+    slot_mapping: torch.Tensor  # [T] long, where each new token's K/V is written
+    seqs: tuple[SeqAttention, ...]
+    logits_indices: torch.Tensor  # [N] long, rows whose logits are returned
+
+
+class KVCache:
+    """The paged K/V storage of every layer: k, v: [num_layers, num_blocks * block_size, H_kv, D]."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
+
+def causal_mask(ctx_len: int, num_new: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[num_new, ctx_len] visibility of the last num_new tokens of a ctx_len context (None = all visible)."""
+    if num_new == 1 and (sliding_window is None or ctx_len <= sliding_window):
+        return None
+    q_pos = torch.arange(ctx_len - num_new, ctx_len, device=device)[:, None]
+    k_pos = torch.arange(ctx_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= (q_pos - k_pos) < sliding_window
+    return mask
+
+
+def _inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    params = dict(config.rope_scaling)
+    kind = config.rope_type
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(params["factor"])
+    if kind == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise UnsupportedArchitectureError(f"unsupported rope type {kind!r}; supported: default, linear, llama3")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaModel:
+    """Weights plus a stateless forward; the KV lives in a KVCache passed to every call."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise CorruptModelError(f"checkpoint is missing tensor {name!r}")
+            return weights[name].to(device=self.device, dtype=dtype)
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return take(name) if name in weights else None
+
+        self.embed = take("model.embed_tokens.weight")  # [V, hidden]
+        self.norm = take("model.norm.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings and "lm_head.weight" not in weights \
+            else take("lm_head.weight")  # [V, hidden]
+        self.layers: list[dict[str, torch.Tensor | None]] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            qkv_w = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            biases = [maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+            qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
+            self.layers.append({
+                "ln1": take(p + "input_layernorm.weight"),
+                "qkv_w": qkv_w,  # [(H_q + 2 H_kv) * D, hidden]
+                "qkv_b": qkv_b,
+                "o_w": take(p + "self_attn.o_proj.weight"),  # [hidden, H_q * D]
+                "ln2": take(p + "post_attention_layernorm.weight"),
+                "gate_up_w": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                "down_w": take(p + "mlp.down_proj.weight"),  # [hidden, inter]
+            })
+        self.inv_freq = _inv_freq(config).to(self.device)  # [D / 2] float32
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight * x32.to(x.dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        """Run one step; writes the new tokens' K/V into kv and returns float32 logits [N, V]."""
+        cfg = self.config
+        num_tokens = batch.input_ids.shape[0]
+        h_q, h_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = self._rope(batch.positions)  # [T, 1, D]
+        hidden = self.embed[batch.input_ids]  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            x = self._rms_norm(hidden, layer["ln1"])
+            qkv = F.linear(x, layer["qkv_w"], layer["qkv_b"])  # [T, (H_q + 2 H_kv) * D]
+            q, k, v = qkv.split([h_q * d, h_kv * d, h_kv * d], dim=-1)
+            q = q.view(num_tokens, h_q, d)
+            k = k.view(num_tokens, h_kv, d)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_pool, v_pool = kv.k[i], kv.v[i]  # [num_slots, H_kv, D]
+            k_pool.index_copy_(0, batch.slot_mapping, k)
+            v_pool.index_copy_(0, batch.slot_mapping, v.reshape(num_tokens, h_kv, d))
+            attn = torch.empty_like(q)  # [T, H_q, D]
+            for seq in batch.seqs:
+                qs = q[seq.token_start:seq.token_end].transpose(0, 1)[None]  # [1, H_q, n, D]
+                ks = k_pool.index_select(0, seq.context_slots).transpose(0, 1)[None]  # [1, H_kv, ctx, D]
+                vs = v_pool.index_select(0, seq.context_slots).transpose(0, 1)[None]
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.mask, scale=self.scale,
+                                                     enable_gqa=True)
+                attn[seq.token_start:seq.token_end] = out[0].transpose(0, 1)
+            hidden = hidden + F.linear(attn.view(num_tokens, h_q * d), layer["o_w"])
+            x = self._rms_norm(hidden, layer["ln2"])
+            gate, up = F.linear(x, layer["gate_up_w"]).chunk(2, dim=-1)
+            hidden = hidden + F.linear(F.silu(gate) * up, layer["down_w"])
+        last = self._rms_norm(hidden.index_select(0, batch.logits_indices), self.norm)
+        return F.linear(last, self.lm_head).float()

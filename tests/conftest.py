@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random-weight Qwen2 / Llama models built with transformers (reference only)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from promptstash.config import EngineConfig
+from promptstash.engine.engine import Engine
+from promptstash.models.config import ModelConfig
+from promptstash.models.llama import LlamaModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6)
+
+
+def tiny_hf_model(family: str, seed: int = 0):
+    """A transformers model with random weights: the reference implementation for parity tests."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if family == "qwen2":
+        config = transformers.Qwen2Config(**TINY, tie_word_embeddings=False, rope_theta=10000.0)
+        model = transformers.Qwen2ForCausalLM(config)
+    elif family == "llama":
+        config = transformers.LlamaConfig(
+            **TINY, tie_word_embeddings=True,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 256},
+            rope_theta=500000.0)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        raise ValueError(family)
+    # random init leaves norms at 1 and biases at 0: perturb them so parity checks cover them
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval().float()
+
+
+def our_model(hf_model, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlamaModel:
+    cfg = hf_model.config.to_dict()
+    cfg["architectures"] = [type(hf_model).__name__]
+    config = ModelConfig.from_dict(cfg)
+    return LlamaModel(config, dict(hf_model.state_dict()), dtype, torch.device(device))
+
+
+def tiny_engine(family: str = "qwen2", **options) -> Engine:
+    options.setdefault("kv_cache_tokens", 4096)
+    options.setdefault("max_prefill_tokens", 64)
+    config = EngineConfig(dtype="float32", **options)
+    return Engine(our_model(tiny_hf_model(family)), None, config, model_id=f"tiny-{family}")
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def family(request) -> str:
+    return request.param
