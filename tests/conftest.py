@@ -15,7 +15,7 @@ from promptstash.models.llama import LlamaModel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6)
+            num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
 
 
 def tiny_hf_model(family: str, seed: int = 0):

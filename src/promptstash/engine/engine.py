@@ -337,7 +337,7 @@ class Engine:
                 num_computed_prompt_tokens=self._num_computed_prompt_tokens,
                 num_generated_tokens=self._num_generated_tokens,
                 num_steps=self._num_steps,
-                num_preemptions=sum(r.num_preemptions for r in self._requests.values()),
+                num_preemptions=self.scheduler.num_preemptions,
                 cache=self.cache.stats(),
             )
 

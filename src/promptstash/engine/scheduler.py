@@ -42,6 +42,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_query_tokens = 0  # prompt tokens looked up in the cache (first admission only)
         self.num_hit_tokens = 0  # of those, served from the cache
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -56,6 +57,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def finish(self, request: Request) -> None:
