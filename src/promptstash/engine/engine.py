@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,8 +84,10 @@ class _NoTextDecoder:
 class Engine:
     """Thread-safe: add_request / abort / step may be called from different threads."""
 
-    def __init__(self, model: LlamaModel, tokenizer: Any | None, config: EngineConfig, model_id: str) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: Any | None, config: EngineConfig, model_id: str,
+                 model_path: Path | None = None) -> None:
         self.model = model
+        self.model_path = model_path
         self.tokenizer = tokenizer
         self.config = config
         self.model_id = model_id
@@ -120,7 +123,7 @@ class Engine:
         weights = load_state_dict(resolved.path, config.torch_dtype, config.torch_device)
         llama = LlamaModel(model_config, weights, config.torch_dtype, config.torch_device)
         del weights
-        return cls(llama, Tokenizer.from_dir(resolved.path), config, resolved.model_id)
+        return cls(llama, Tokenizer.from_dir(resolved.path), config, resolved.model_id, resolved.path)
 
     # -- requests --------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
