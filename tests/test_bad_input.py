@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import tiny_engine
+
 from promptstash.config import EngineConfig
 from promptstash.engine.engine import Engine
 from promptstash.errors import ContextLengthError, InvalidRequestError

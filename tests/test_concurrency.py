@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import tiny_engine
+
 from promptstash.engine.sampling import SamplingParams
 
 

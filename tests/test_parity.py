@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import our_model, tiny_engine, tiny_hf_model
 
 

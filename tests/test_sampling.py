@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_engine
+
 from promptstash.engine.request import StopChecker
 from promptstash.engine.sampling import SamplingParams, sample
 from promptstash.errors import InvalidRequestError

@@ -86,7 +86,7 @@ class CacheManager:
                 if self._pending.get(seq.hashes[len(seq.block_ids) - 1]) == seq_id:
                     del self._pending[seq.hashes[len(seq.block_ids) - 1]]
             seq.num_published = len(seq.block_ids)
-        return len(seq.block_ids) * self.block_size
+        return seq.num_published * self.block_size
 
     def waits_for_other(self, seq_id: str, num_computed: int) -> bool:
         """True if the next block this sequence would compute is being computed by another sequence."""

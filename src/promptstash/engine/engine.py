@@ -28,6 +28,7 @@ from promptstash.models.llama import KVCache, LlamaModel
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 DEFAULT_NAMESPACE = "default"
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ class Engine:
         self.runner = ModelRunner(model, self.kv)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ()) | frozenset(mcfg.eos_token_ids)
+        if tokenizer is not None:  # end-of-text markers that some converted checkpoints leave out of eos_token_id
+            marks = (tokenizer.token_to_id(t) for t in END_OF_TEXT_TOKENS)
+            self.eos_token_ids |= {i for i in marks if i is not None}
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
