@@ -54,11 +54,14 @@ def _hf_ttft(model, ids: Sequence[int]) -> float:
 
 @torch.inference_mode()
 def _hf_decode_tps(model, ids: Sequence[int], num_tokens: int) -> float:
-    ttft = _hf_ttft(model, ids)
+    """Greedy decode with transformers' own KV cache; times only the decode steps."""
+    out = model(torch.tensor([list(ids)]), use_cache=True, logits_to_keep=1)
+    past, token = out.past_key_values, out.logits[0, -1].argmax()
     start = time.perf_counter()
-    model.generate(torch.tensor([list(ids)]), max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False)
-    total = time.perf_counter() - start
-    return (num_tokens - 1) / max(total - ttft, 1e-9)
+    for _ in range(num_tokens - 1):
+        out = model(token.view(1, 1), past_key_values=past, use_cache=True, logits_to_keep=1)
+        past, token = out.past_key_values, out.logits[0, -1].argmax()
+    return (num_tokens - 1) / (time.perf_counter() - start)
 
 
 def _ours_decode_tps(engine: Engine, ids: Sequence[int], num_tokens: int, namespace: str) -> float:
@@ -68,7 +71,7 @@ def _ours_decode_tps(engine: Engine, ids: Sequence[int], num_tokens: int, namesp
 
 def run(prefix_lens: Sequence[int] = (512, 2048, 8192), throughput_lens: Sequence[int] = (512, 2048),
         dtypes: Sequence[str] = ("float32", "bfloat16"), decode_tokens: int = 32, model: str | None = None,
-        baseline: bool = True, seed: int = 0, log=print) -> PrefixResults:
+        baseline: bool = True, seed: int = 0, repeats: int = 3, log=print) -> PrefixResults:
     rng = random.Random(seed)
     res = PrefixResults()
     res.setup = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -82,6 +85,9 @@ def run(prefix_lens: Sequence[int] = (512, 2048, 8192), throughput_lens: Sequenc
         vocab = engine.model.config.vocab_size
         hf = _hf_model(engine.model_path, engine.model.dtype) if baseline else None
         first = dtype == dtypes[0]
+        engine.generate(_random_tokens(rng, 64, vocab), max_tokens=2, namespace="warmup")  # first-call costs
+        if hf is not None:
+            _hf_ttft(hf, _random_tokens(rng, 64, vocab))
         if first:  # TTFT cold vs hit, in the first (default) dtype
             for n in prefix_lens:
                 prefix = _random_tokens(rng, n, vocab)
@@ -98,15 +104,21 @@ def run(prefix_lens: Sequence[int] = (512, 2048, 8192), throughput_lens: Sequenc
                 log(f"[ttft {dtype}] prefix {n}: cold {row['cold_ttft_s']:.3f}s, hit {row['hit_ttft_s']:.3f}s "
                     f"({row['speedup']:.1f}x), cached {hit.usage.cached_tokens}"
                     + (f", transformers {row['transformers_ttft_s']:.3f}s" if hf is not None else ""))
-        for n in throughput_lens:
-            ids = _random_tokens(rng, n, vocab)
-            ours = engine.generate(ids, max_tokens=1, namespace=f"tp-{rng.random()}")
-            row = {"dtype": dtype, "prompt_len": n, "prefill_tps": n / ours.timings.ttft_s,
-                   "decode_tps": _ours_decode_tps(engine, _random_tokens(rng, n, vocab), decode_tokens,
-                                                  f"dec-{rng.random()}")}
+        for n in throughput_lens:  # ours and transformers interleaved, median of `repeats`
+            ours_p, ours_d, hf_p, hf_d = [], [], [], []
+            for _ in range(repeats):
+                ns = f"tp-{rng.random()}"
+                ours_p.append(n / engine.generate(_random_tokens(rng, n, vocab), max_tokens=1,
+                                                  namespace=ns).timings.ttft_s)
+                ours_d.append(_ours_decode_tps(engine, _random_tokens(rng, n, vocab), decode_tokens, ns))
+                if hf is not None:
+                    hf_p.append(n / _hf_ttft(hf, _random_tokens(rng, n, vocab)))
+                    hf_d.append(_hf_decode_tps(hf, _random_tokens(rng, n, vocab), decode_tokens))
+            row = {"dtype": dtype, "prompt_len": n, "repeats": repeats, "prefill_tps": statistics.median(ours_p),
+                   "decode_tps": statistics.median(ours_d)}
             if hf is not None:
-                row["transformers_prefill_tps"] = n / _hf_ttft(hf, ids)
-                row["transformers_decode_tps"] = _hf_decode_tps(hf, _random_tokens(rng, n, vocab), decode_tokens)
+                row["transformers_prefill_tps"] = statistics.median(hf_p)
+                row["transformers_decode_tps"] = statistics.median(hf_d)
             res.throughput.append(row)
             log(f"[throughput {dtype}] {n} tokens: prefill {row['prefill_tps']:.1f} tok/s, decode "
                 f"{row['decode_tps']:.2f} tok/s" + (f"; transformers prefill {row['transformers_prefill_tps']:.1f}, "
@@ -115,7 +127,7 @@ def run(prefix_lens: Sequence[int] = (512, 2048, 8192), throughput_lens: Sequenc
             off = Engine.from_pretrained(model, dtype=dtype, enable_prefix_caching=False)
             on_times, off_times = [], []
             n = throughput_lens[-1]
-            for _ in range(3):
+            for _ in range(5):
                 on_times.append(engine.generate(_random_tokens(rng, n, vocab), max_tokens=1).timings.ttft_s)
                 off_times.append(off.generate(_random_tokens(rng, n, vocab), max_tokens=1).timings.ttft_s)
             on, offm = statistics.median(on_times), statistics.median(off_times)
@@ -141,6 +153,8 @@ def to_markdown(res: PrefixResults) -> str:
         lines.append(f"| {r['dtype']} | {r['prefix_len']} | {r['cold_ttft_s']:.3f} | {r['hit_ttft_s']:.3f} | "
                      f"{r['speedup']:.1f}x | {r['hit_cached_tokens']} | {hf} |")
     lines += ["", "## Prefill and decode throughput (ours vs transformers, same dtype)", "",
+              "Median of 3 runs each, interleaved. Decode: tokens/s over the decode steps after a prefill of "
+              "`prompt` tokens; transformers decodes with its own KV cache.", "",
               "| dtype | prompt | prefill tok/s | transformers prefill tok/s | decode tok/s | "
               "transformers decode tok/s |", "|---|---:|---:|---:|---:|---:|"]
     for r in res.throughput:
@@ -151,7 +165,7 @@ def to_markdown(res: PrefixResults) -> str:
     o = res.overhead
     if o:
         lines += ["", "## Overhead of caching on a prompt that shares nothing", "",
-                  f"{o['prompt_len']}-token unshared prompts, median of 3 ({o['dtype']}): caching on "
+                  f"{o['prompt_len']}-token unshared prompts, median of 5 ({o['dtype']}): caching on "
                   f"{o['caching_on_ttft_s']:.3f} s, off {o['caching_off_ttft_s']:.3f} s "
                   f"({o['slowdown_pct']:+.2f}%)."]
     lines += ["", "## KV bytes per token", ""]

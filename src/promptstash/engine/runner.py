@@ -26,11 +26,15 @@ class ModelRunner:
         self.device = model.device
         self._offsets = torch.arange(self.block_size, device=self.device)
 
-    def _slots(self, block_table: list[int], end: int) -> torch.Tensor:
-        """[end] pool slots of tokens 0..end-1 of a sequence."""
+    def _slots(self, block_table: list[int], end: int) -> tuple[torch.Tensor, int | None]:
+        """[end] pool slots of tokens 0..end-1 of a sequence, and the first slot if they are consecutive."""
         num_blocks = -(-end // self.block_size)
-        table = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
-        return (table[:, None] * self.block_size + self._offsets[None, :]).flatten()[:end]
+        blocks = block_table[:num_blocks]
+        table = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        slots = (table[:, None] * self.block_size + self._offsets[None, :]).flatten()[:end]
+        consecutive = blocks[-1] - blocks[0] == num_blocks - 1 and all(
+            b - a == 1 for a, b in zip(blocks, blocks[1:], strict=False))
+        return slots, blocks[0] * self.block_size if consecutive else None
 
     def run(self, chunks: list[ScheduledChunk], block_tables: list[list[int]]) -> StepLogits:
         input_ids: list[int] = []
@@ -44,11 +48,12 @@ class ModelRunner:
             req, start, end = chunk.request, chunk.start, chunk.end
             t0 = len(input_ids)
             input_ids.extend(req.token_ids[start:end])
-            context = self._slots(table, end)
+            context, context_start = self._slots(table, end)
             slot_mapping.append(context[start:end])
             positions.append(torch.arange(start, end, device=self.device))
-            seqs.append(SeqAttention(t0, t0 + end - start, context,
-                                     causal_mask(end, end - start, window, self.device)))
+            causal = start == 0 and end > 1 and (window is None or end <= window)
+            mask = None if causal else causal_mask(end, end - start, window, self.device)
+            seqs.append(SeqAttention(t0, t0 + end - start, context, context_start, mask, causal))
             first = len(logits_rows)
             if req.want_prompt_logits:
                 logits_rows.extend(range(t0, t0 + end - start))

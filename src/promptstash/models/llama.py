@@ -27,14 +27,19 @@ class SeqAttention:
     token_start/token_end: its rows in the flattened batch (n = token_end - token_start new tokens).
     context_slots: [ctx_len] pool slots of every token it attends to, cached ones first, then the new
       ones (the new tokens are the last n). NOTE: the new tokens' K/V are written before attention.
+    context_start: when those slots are one consecutive run, its first slot (attention then reads a view
+      of the pool instead of gathering a copy); else None.
     mask: [n, ctx_len] bool (True = may attend), or None when every query sees the whole context
-      (a single decode token without a sliding window).
+      (a single decode token without a sliding window) or when `causal` is set.
+    causal: the chunk is the whole context (nothing before it): plain causal attention.
     """
 
     token_start: int
     token_end: int
     context_slots: torch.Tensor
+    context_start: int | None
     mask: torch.Tensor | None
+    causal: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,10 @@ def _inv_freq(config: ModelConfig) -> torch.Tensor:
     raise UnsupportedArchitectureError(f"unsupported rope type {kind!r}; supported: default, linear, llama3")
 
 
+def _matmul(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -127,17 +136,20 @@ class LlamaModel:
         self.layers: list[dict[str, torch.Tensor | None]] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            qkv_w = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            # NOTE: weights are stored transposed ([in, out], contiguous): x @ w is faster than
+            # F.linear's x @ w.T on CPU for small and mid-sized batches.
+            qkv_w = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).t().contiguous()
             biases = [maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
             qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
             self.layers.append({
                 "ln1": take(p + "input_layernorm.weight"),
                 "qkv_w": qkv_w,  # [(H_q + 2 H_kv) * D, hidden]
                 "qkv_b": qkv_b,
-                "o_w": take(p + "self_attn.o_proj.weight"),  # [hidden, H_q * D]
+                "o_w": take(p + "self_attn.o_proj.weight").t().contiguous(),  # [H_q * D, hidden]
                 "ln2": take(p + "post_attention_layernorm.weight"),
-                "gate_up_w": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                "down_w": take(p + "mlp.down_proj.weight"),  # [hidden, inter]
+                "gate_up_w": torch.cat([take(p + "mlp.gate_proj.weight"),
+                                        take(p + "mlp.up_proj.weight")]).t().contiguous(),  # [hidden, 2 inter]
+                "down_w": take(p + "mlp.down_proj.weight").t().contiguous(),  # [inter, hidden]
             })
         self.inv_freq = _inv_freq(config).to(self.device)  # [D / 2] float32
         self.scale = 1.0 / math.sqrt(config.head_dim)
@@ -162,7 +174,7 @@ class LlamaModel:
         hidden = self.embed[batch.input_ids]  # [T, hidden]
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer["ln1"])
-            qkv = F.linear(x, layer["qkv_w"], layer["qkv_b"])  # [T, (H_q + 2 H_kv) * D]
+            qkv = _matmul(x, layer["qkv_w"], layer["qkv_b"])  # [T, (H_q + 2 H_kv) * D]
             q, k, v = qkv.split([h_q * d, h_kv * d, h_kv * d], dim=-1)
             q = q.view(num_tokens, h_q, d)
             k = k.view(num_tokens, h_kv, d)
@@ -174,14 +186,18 @@ class LlamaModel:
             attn = torch.empty_like(q)  # [T, H_q, D]
             for seq in batch.seqs:
                 qs = q[seq.token_start:seq.token_end].transpose(0, 1)[None]  # [1, H_q, n, D]
-                ks = k_pool.index_select(0, seq.context_slots).transpose(0, 1)[None]  # [1, H_kv, ctx, D]
-                vs = v_pool.index_select(0, seq.context_slots).transpose(0, 1)[None]
-                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.mask, scale=self.scale,
-                                                     enable_gqa=True)
+                if seq.context_start is not None:
+                    ctx = slice(seq.context_start, seq.context_start + seq.context_slots.shape[0])
+                    ks, vs = k_pool[ctx], v_pool[ctx]  # [ctx, H_kv, D] views
+                else:
+                    ks, vs = k_pool.index_select(0, seq.context_slots), v_pool.index_select(0, seq.context_slots)
+                out = F.scaled_dot_product_attention(
+                    qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],  # [1, H_kv, ctx, D]
+                    attn_mask=seq.mask, is_causal=seq.causal, scale=self.scale, enable_gqa=True)
                 attn[seq.token_start:seq.token_end] = out[0].transpose(0, 1)
-            hidden = hidden + F.linear(attn.view(num_tokens, h_q * d), layer["o_w"])
+            hidden = hidden + attn.view(num_tokens, h_q * d) @ layer["o_w"]
             x = self._rms_norm(hidden, layer["ln2"])
-            gate, up = F.linear(x, layer["gate_up_w"]).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer["down_w"])
+            gate, up = (x @ layer["gate_up_w"]).chunk(2, dim=-1)
+            hidden = hidden + (F.silu(gate) * up) @ layer["down_w"]
         last = self._rms_norm(hidden.index_select(0, batch.logits_indices), self.norm)
         return F.linear(last, self.lm_head).float()
