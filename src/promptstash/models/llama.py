@@ -164,6 +164,18 @@ class LlamaModel:
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query token over its whole context: [H_q, D] x [ctx, H_kv, D] -> [H_q, D].
+
+        Two batched matmuls per KV head group; the CPU flash-attention kernel is slow for a single query.
+        Query head h reads KV head h // (H_q / H_kv), as in grouped-query attention.
+        """
+        h_kv = k.shape[1]
+        qg = q.view(h_kv, -1, q.shape[-1])  # [H_kv, G, D]
+        scores = torch.bmm(qg, k.permute(1, 2, 0)).float() * self.scale  # [H_kv, G, ctx]
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.bmm(probs, v.transpose(0, 1)).view(q.shape)  # [H_kv, G, D] -> [H_q, D]
+
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
         """Run one step; writes the new tokens' K/V into kv and returns float32 logits [N, V]."""
@@ -191,6 +203,9 @@ class LlamaModel:
                     ks, vs = k_pool[ctx], v_pool[ctx]  # [ctx, H_kv, D] views
                 else:
                     ks, vs = k_pool.index_select(0, seq.context_slots), v_pool.index_select(0, seq.context_slots)
+                if seq.token_end - seq.token_start == 1 and seq.mask is None:
+                    attn[seq.token_start] = self._decode_attention(q[seq.token_start], ks, vs)
+                    continue
                 out = F.scaled_dot_product_attention(
                     qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],  # [1, H_kv, ctx, D]
                     attn_mask=seq.mask, is_causal=seq.causal, scale=self.scale, enable_gqa=True)
