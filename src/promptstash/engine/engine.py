@@ -268,6 +268,7 @@ class Engine:
         request.finish_reason = reason
         request.finish_time = time.perf_counter()
         new_tokens = () if new_token is None else (new_token,)
+        request.stop_checker.flush()
         update = RequestUpdate(request.request_id, new_tokens, request.stop_checker.take(final=True), True, reason)
         if request.on_update is not None:
             request.on_update(update)

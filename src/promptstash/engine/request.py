@@ -39,6 +39,7 @@ class StopChecker:
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self._emitted = 0
+        self.stopped = False
 
     def push(self, token_id: int) -> bool:
         """Add a token's text; True if a stop string appeared (text is then cut before it)."""
@@ -51,8 +52,15 @@ class StopChecker:
             at = self.text.find(s, start)
             if at != -1:
                 self.text = self.text[:at]
+                self.stopped = True
                 return True
         return False
+
+    def flush(self) -> None:
+        """At the end of generation: keep the bytes of an unfinished character (as U+FFFD), like decode()."""
+        flush = getattr(self._decoder, "flush", None)
+        if not self.stopped and flush is not None:
+            self.text += flush()
 
     def take(self, final: bool) -> str:
         """Text not yet handed out; all of it when final, else all but the held-back tail."""
