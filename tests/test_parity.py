@@ -43,3 +43,21 @@ def test_decode_logits_match_transformers_at_every_step(family: str) -> None:
     ours = engine.prompt_logits(full[:-1]).logits  # second pass reuses the cache: only suffix rows
     cached = len(full) - 1 - ours.shape[0]
     assert (ours - ref[cached - 39:]).abs().max().item() <= 1e-4
+
+
+def test_bfloat16_upcast_path_matches_native_bfloat16_within_rounding(family: str) -> None:
+    hf = tiny_hf_model(family)
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    results = {}
+    for upcast in (None, 32):
+        engine = tiny_engine(family)
+        engine.model = engine.runner.model = our_model(hf, dtype=torch.bfloat16)
+        engine.kv.k, engine.kv.v = engine.kv.k.bfloat16(), engine.kv.v.bfloat16()
+        engine.model.upcast_min_rows = upcast
+        results[upcast] = engine.prompt_logits(ids).logits
+    scale = ref.abs().max().item()
+    for logits in results.values():
+        assert (logits - ref).abs().max().item() <= 0.05 * scale  # bfloat16 rounding, not a wrong forward
+    assert (results[None] - results[32]).abs().max().item() <= 0.05 * scale

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from promptstash.config import cpu_has_native_bf16
 from promptstash.errors import CorruptModelError, UnsupportedArchitectureError
 from promptstash.models.config import ModelConfig
 
@@ -69,6 +70,9 @@ class KVCache:
         return 2 * self.k[:, 0].numel() * self.k.element_size()
 
 
+UPCAST_MIN_ROWS = 32  # break-even of weight conversion vs slow half-precision matmul, measured on CPU
+
+
 def causal_mask(ctx_len: int, num_new: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
     """[num_new, ctx_len] visibility of the last num_new tokens of a ctx_len context (None = all visible)."""
     if num_new == 1 and (sliding_window is None or ctx_len <= sliding_window):
@@ -101,10 +105,6 @@ def _inv_freq(config: ModelConfig) -> torch.Tensor:
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, smoothed, scaled)
     raise UnsupportedArchitectureError(f"unsupported rope type {kind!r}; supported: default, linear, llama3")
-
-
-def _matmul(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,21 @@ class LlamaModel:
                 "down_w": take(p + "mlp.down_proj.weight").t().contiguous(),  # [inter, hidden]
             })
         self.inv_freq = _inv_freq(config).to(self.device)  # [D / 2] float32
+        # NOTE: on CPUs without bfloat16/float16 matrix instructions those matmuls are ~4x slower than
+        # float32, so batches of at least this many rows compute in float32 from the half-precision
+        # weights (converted per call; memory stays half-size) and round the result back.
+        slow_half = self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16()
+        self.upcast_min_rows: int | None = UPCAST_MIN_ROWS if slow_half else None
         self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def _matmul(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] @ w_t [in, out] (+ bias)."""
+        if self.upcast_min_rows is not None and x.shape[0] >= self.upcast_min_rows:
+            y = x.float() @ w_t.float()
+            if bias is not None:
+                y += bias.float()
+            return y.to(x.dtype)
+        return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -186,7 +200,7 @@ class LlamaModel:
         hidden = self.embed[batch.input_ids]  # [T, hidden]
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer["ln1"])
-            qkv = _matmul(x, layer["qkv_w"], layer["qkv_b"])  # [T, (H_q + 2 H_kv) * D]
+            qkv = self._matmul(x, layer["qkv_w"], layer["qkv_b"])  # [T, (H_q + 2 H_kv) * D]
             q, k, v = qkv.split([h_q * d, h_kv * d, h_kv * d], dim=-1)
             q = q.view(num_tokens, h_q, d)
             k = k.view(num_tokens, h_kv, d)
@@ -210,9 +224,9 @@ class LlamaModel:
                     qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],  # [1, H_kv, ctx, D]
                     attn_mask=seq.mask, is_causal=seq.causal, scale=self.scale, enable_gqa=True)
                 attn[seq.token_start:seq.token_end] = out[0].transpose(0, 1)
-            hidden = hidden + attn.view(num_tokens, h_q * d) @ layer["o_w"]
+            hidden = hidden + self._matmul(attn.view(num_tokens, h_q * d), layer["o_w"])
             x = self._rms_norm(hidden, layer["ln2"])
-            gate, up = (x @ layer["gate_up_w"]).chunk(2, dim=-1)
-            hidden = hidden + (F.silu(gate) * up) @ layer["down_w"]
+            gate, up = self._matmul(x, layer["gate_up_w"]).chunk(2, dim=-1)
+            hidden = hidden + self._matmul(F.silu(gate) * up, layer["down_w"])
         last = self._rms_norm(hidden.index_select(0, batch.logits_indices), self.norm)
         return F.linear(last, self.lm_head).float()
