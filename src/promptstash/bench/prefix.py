@@ -144,7 +144,8 @@ def to_markdown(res: PrefixResults) -> str:
     s = res.setup
     lines = [f"# Prefix caching benchmark ({s.get('date', '')})", "",
              f"Model `{s.get('model')}`; {s.get('processor')} ({s.get('machine')}); torch {s.get('torch')}. "
-             f"Prompts: random token ids; each prefix is followed by a {s.get('suffix_len')}-token suffix.", "",
+             f"Prompts: random token ids; each prefix is followed by a {s.get('suffix_len')}-token suffix. "
+             "Produced by `make bench` (`promptstash bench prefix`); one run, figures as measured.", "",
              "## TTFT: cold vs cache hit", "",
              "| dtype | prefix | cold TTFT (s) | hit TTFT (s) | cold / hit | cached tokens | transformers TTFT (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
