@@ -27,14 +27,12 @@ def _engine(args: argparse.Namespace):
 
 
 def _print_stream(engine, prompt, max_tokens: int, temperature: float):
-    last = None
-
     def show(update) -> None:
         print(update.new_text, end="", flush=True)
 
-    last = engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, on_update=show)
+    out = engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, on_update=show)
     print()
-    return last
+    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -136,11 +136,8 @@ class CacheManager:
         return self._seqs[seq_id].block_ids
 
     def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
+        """New blocks allocate(seq_id, num_tokens) would take."""
         return max(0, -(-num_tokens // self.block_size) - len(self._seqs[seq_id].block_ids))
-
-    @property
-    def num_available_blocks(self) -> int:
-        return self.pool.num_available
 
     def stats(self) -> CacheStats:
         return CacheStats(self.pool.num_evictions, self._num_published, self.pool.usage())

@@ -36,11 +36,6 @@ class ModelConfig:
     def rope_type(self) -> str:
         return str(dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type", "default")))
 
-    @property
-    def kv_values_per_token(self) -> int:
-        """K and V values stored per token over all layers."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
-
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
