@@ -18,13 +18,13 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
 
 
-def tiny_hf_model(family: str, seed: int = 0):
+def tiny_hf_model(family: str, seed: int = 0, **overrides):
     """A transformers model with random weights: the reference implementation for parity tests."""
     import transformers
 
     torch.manual_seed(seed)
     if family == "qwen2":
-        config = transformers.Qwen2Config(**TINY, tie_word_embeddings=False, rope_theta=10000.0)
+        config = transformers.Qwen2Config(**{**TINY, **overrides}, tie_word_embeddings=False, rope_theta=10000.0)
         model = transformers.Qwen2ForCausalLM(config)
     elif family == "llama":
         config = transformers.LlamaConfig(

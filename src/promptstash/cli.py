@@ -23,7 +23,8 @@ def _engine(args: argparse.Namespace):
 
     return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                                   kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.cache_dir,
-                                  enable_prefix_caching=not args.no_prefix_caching)
+                                  enable_prefix_caching=not args.no_prefix_caching,
+                                  max_num_seqs=getattr(args, "max_num_seqs", 16))
 
 
 def _print_stream(engine, prompt, max_tokens: int, temperature: float):
@@ -45,26 +46,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_keys(args: argparse.Namespace) -> dict[str, str]:
+    """KEY or KEY:TENANT from --api-key, and one such entry per line of --api-keys-file ('#' comments)."""
+    entries = list(args.api_key or [])
+    if args.api_keys_file:
+        lines = Path(args.api_keys_file).read_text().splitlines()
+        entries += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    keys = {}
+    for i, entry in enumerate(entries):
+        key, _, tenant = entry.partition(":")
+        keys[key.strip()] = tenant.strip() or f"tenant{i}"
+    return keys
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Until the HTTP server lands: an interactive chat whose whole history is reused turn after turn."""
+    import uvicorn
+
+    from promptstash.config import PriceSheet, ServerConfig
+    from promptstash.server.app import create_app
+
+    config = ServerConfig(
+        host=args.host, port=args.port, served_model_name=args.served_model_name, api_keys=_api_keys(args),
+        min_cacheable_tokens=args.min_cacheable_tokens, max_queued_requests=args.max_queued_requests,
+        prices=PriceSheet(input_per_mtok=args.price_input, output_per_mtok=args.price_output),
+    )
+    print(f"promptstash: loading {args.model or 'the default model (Qwen2.5-Coder-0.5B-Instruct)'} ...",
+          file=sys.stderr, flush=True)
     engine = _engine(args)
-    print("promptstash: interactive chat on the default model (the HTTP server comes with the server issue).\n"
-          "Each turn resends the whole conversation; watch the cached-token count. Ctrl-D quits.", file=sys.stderr)
-    messages = [{"role": "system", "content": args.system}]
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        print("assistant> ", end="", flush=True)
-        out = _print_stream(engine, messages, args.max_tokens, args.temperature)
-        messages.append({"role": "assistant", "content": out.text})
-        print(f"[{out.usage.prompt_tokens} prompt tokens, {out.usage.cached_tokens} reused from the cache; "
-              f"TTFT {out.timings.ttft_s:.3f}s]", file=sys.stderr)
+    app = create_app(engine, config)
+    auth = f"{len(config.api_keys)} API keys" if config.api_keys else "no auth (one local tenant)"
+    print(f"promptstash: serving {app.state.promptstash.model_name} ({engine.model.dtype}, "
+          f"{engine.cache.pool.num_blocks * engine.cache.block_size:,}-token KV pool, {auth}) "
+          f"at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -91,12 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0)
     _engine_args(g)
-    s = sub.add_parser("serve", help="serve the model (for now: an interactive chat demo)")
-    s.add_argument("--system", default="You are a helpful assistant.")
-    s.add_argument("--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.0)
+    s = sub.add_parser("serve", help="serve the model over OpenAI- and Anthropic-compatible HTTP APIs")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="model name in /v1/models (default: from the model)")
+    s.add_argument("--api-key", action="append", metavar="KEY[:TENANT]",
+                   help="accept this API key (repeatable); tenants never share cache. No keys: no auth")
+    s.add_argument("--api-keys-file", default=None, help="file with one KEY[:TENANT] per line")
+    s.add_argument("--min-cacheable-tokens", type=int, default=1024,
+                   help="cache_control breakpoints on shorter prefixes write nothing")
+    s.add_argument("--max-queued-requests", type=int, default=256, help="beyond this, 429 (OpenAI) / 529")
+    s.add_argument("--max-num-seqs", type=int, default=16, help="requests computed together")
+    s.add_argument("--price-input", type=float, default=3.0, help="$ per million input tokens (cost estimates)")
+    s.add_argument("--price-output", type=float, default=15.0, help="$ per million output tokens")
+    s.add_argument("--log-level", default="warning")
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
     b.add_argument("workload", help="prefix")

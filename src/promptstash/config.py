@@ -47,6 +47,7 @@ class EngineConfig:
     cache_dir: str | None = None  # where converted models live; None = ~/.cache/promptstash
     progress: bool = True  # progress bars while converting / loading
     num_threads: int | None = None  # torch CPU threads; None = torch's default
+    max_protected_fraction: float = 0.5  # share of the pool that TTL-protected (cache_control) blocks may hold
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -57,6 +58,8 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise InvalidRequestError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0.0 <= self.max_protected_fraction <= 1.0:
+            raise InvalidRequestError(f"max_protected_fraction must be in [0, 1], got {self.max_protected_fraction}")
         if self.max_prefill_tokens % self.block_size:
             raise InvalidRequestError(
                 f"max_prefill_tokens ({self.max_prefill_tokens}) must be a multiple of block_size ({self.block_size})"
@@ -89,3 +92,34 @@ class EngineConfig:
     @property
     def pool_blocks(self) -> int:
         return self.num_blocks if self.num_blocks is not None else -(-self.kv_cache_tokens // self.block_size)
+
+
+@dataclass(frozen=True)
+class PriceSheet:
+    """Prices for cost estimates: a base input price and the providers' cache multipliers."""
+
+    input_per_mtok: float = 3.0  # dollars per million uncached input tokens
+    output_per_mtok: float = 15.0
+    anthropic_write_5m: float = 1.25  # cache write, 5-minute TTL, times the input price
+    anthropic_write_1h: float = 2.0
+    anthropic_read: float = 0.1
+    openai_read: float = 0.5  # OpenAI-style: cached input tokens at a 50% discount
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # name in /v1/models; None = derived from the model id
+    api_keys: dict[str, str] | None = None  # API key -> tenant; None or empty = one local tenant, no auth
+    min_cacheable_tokens: int = 1024  # shorter cache_control prefixes write nothing (no error)
+    max_queued_requests: int = 256  # unfinished requests beyond this are refused (429 / 529)
+    max_body_bytes: int = 32 * 1024 * 1024
+    default_max_tokens: int = 1024  # OpenAI routes, when the request gives none
+    prices: PriceSheet = PriceSheet()
+
+    def __post_init__(self) -> None:
+        for name in ("min_cacheable_tokens", "max_queued_requests", "max_body_bytes", "default_max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise InvalidRequestError(f"{name} must be a non-negative integer, got {value!r}")

@@ -11,12 +11,16 @@ Only full blocks are published (hash -> block) and only after their K/V have bee
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from promptstash.cache.block_pool import Block, BlockPool, PoolUsage
 from promptstash.cache.hashing import extend_hashes, root_hash
 from promptstash.cache.prefix_index import PrefixIndex
+
+# TTL classes of explicit cache writes (Anthropic cache_control ttl, OpenAI prompt_cache_retention="24h").
+TTL_SECONDS: dict[str, float] = {"5m": 300.0, "1h": 3600.0, "24h": 86400.0}
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,23 @@ class CacheStats:
     num_evictions: int
     num_published_blocks: int
     usage: PoolUsage
+    num_protected_blocks: dict[str, int]  # TTL class -> blocks protected from eviction now
+    num_refused_writes: int  # protect() calls refused because protected blocks would exceed the cap
+    num_forced_expiries: int  # protections ended early because a request could not fit otherwise
+
+
+@dataclass(frozen=True)
+class ProtectResult:
+    """What protect() did: the TTL class now protecting each leading block, or refused (nothing changed)."""
+
+    block_classes: tuple[str, ...]
+    refused: bool
+
+
+@dataclass
+class _Pin:
+    ttl_class: str
+    expires_at: float
 
 
 @dataclass
@@ -37,7 +58,10 @@ class _Seq:
 
 class CacheManager:
     def __init__(self, num_blocks: int, block_size: int, model_id: str, kv_layout: str,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, *, clock: Callable[[], float] = time.monotonic,
+                 ttl_seconds: Mapping[str, float] | None = None, max_protected_blocks: int | None = None) -> None:
+        """clock: seconds (monotonic) for TTLs; ttl_seconds overrides TTL_SECONDS (tests use short ones);
+        max_protected_blocks caps blocks held by TTL protection (default: half the pool)."""
         self.block_size = block_size
         self.model_id = model_id
         self.kv_layout = kv_layout
@@ -47,6 +71,15 @@ class CacheManager:
         self._seqs: dict[str, _Seq] = {}
         self._pending: dict[bytes, str] = {}  # block hash -> seq that will compute it
         self._num_published = 0
+        self.clock = clock
+        self.ttl_seconds = {**TTL_SECONDS, **(ttl_seconds or {})}
+        self.max_protected_blocks = num_blocks // 2 if max_protected_blocks is None else max_protected_blocks
+        # NOTE: a protected block holds one extra reference (its pin), so it is never evicted; expire()
+        # drops the reference once the TTL has passed since the block's last use.
+        self._pins: dict[int, _Pin] = {}
+        self._next_expiry = float("inf")
+        self._num_refused_writes = 0
+        self._num_forced_expiries = 0
 
     def _on_evict(self, block: Block) -> None:
         assert block.block_hash is not None
@@ -82,6 +115,8 @@ class CacheManager:
             max_blocks = (num_tokens - 1) // self.block_size
             for block_id in self.index.longest_prefix(seq.hashes, len(seq.block_ids), max_blocks):
                 self.pool.touch(block_id)
+                if (pin := self._pins.get(block_id)) is not None:  # a hit refreshes the TTL
+                    pin.expires_at = self.clock() + self.ttl_seconds[pin.ttl_class]
                 seq.block_ids.append(block_id)
                 if self._pending.get(seq.hashes[len(seq.block_ids) - 1]) == seq_id:
                     del self._pending[seq.hashes[len(seq.block_ids) - 1]]
@@ -131,6 +166,78 @@ class CacheManager:
                 del self._pending[h]
         self.pool.release(reversed(seq.block_ids))
 
+    # -- TTL protection --------------------------------------------------------------------------
+    def protect(self, seq_id: str, breakpoints: Sequence[tuple[int, str]]) -> ProtectResult:
+        """Protect the published blocks of a sequence's prefix from eviction, each for its TTL class.
+
+        breakpoints: (prefix_len, ttl_class) pairs; a block belongs to the first breakpoint that covers it
+        whole, so only full blocks inside a prefix are protected. A block already protected keeps the longer
+        class, and its TTL restarts. All or nothing: if new protections would exceed max_protected_blocks,
+        nothing changes and the write counts as refused.
+        """
+        seq = self._seqs[seq_id]
+        if not self.enable_prefix_caching:
+            return ProtectResult((), refused=False)
+        classes: list[str] = []
+        for prefix_len, ttl_class in sorted(breakpoints):
+            if ttl_class not in self.ttl_seconds:
+                raise ValueError(f"unknown TTL class {ttl_class!r}")
+            classes.extend([ttl_class] * max(0, prefix_len // self.block_size - len(classes)))
+        classes = classes[:seq.num_published]
+        for j in range(len(classes)):  # a duplicate copy of a block is unpublished: protect up to it
+            if self.pool.blocks[seq.block_ids[j]].block_hash is None:
+                classes = classes[:j]
+                break
+        new = [seq.block_ids[j] for j in range(len(classes)) if seq.block_ids[j] not in self._pins]
+        if len(self._pins) + len(new) > self.max_protected_blocks:
+            self._num_refused_writes += 1
+            return ProtectResult((), refused=True)
+        now = self.clock()
+        result = []
+        for j, ttl_class in enumerate(classes):
+            block_id = seq.block_ids[j]
+            pin = self._pins.get(block_id)
+            if pin is None:
+                self.pool.touch(block_id)
+                pin = self._pins[block_id] = _Pin(ttl_class, now)
+            elif self.ttl_seconds[ttl_class] > self.ttl_seconds[pin.ttl_class]:
+                pin.ttl_class = ttl_class
+            pin.expires_at = max(pin.expires_at, now + self.ttl_seconds[pin.ttl_class])
+            self._next_expiry = min(self._next_expiry, pin.expires_at)
+            result.append(pin.ttl_class)
+        return ProtectResult(tuple(result), refused=False)
+
+    def expire(self) -> int:
+        """End protections whose TTL has passed (their blocks become evictable). Returns how many ended."""
+        now = self.clock()
+        if now < self._next_expiry:
+            return 0
+        done = sorted((p.expires_at, b) for b, p in self._pins.items() if p.expires_at <= now)
+        for _, block_id in done:
+            del self._pins[block_id]
+        self.pool.release(block_id for _, block_id in done)
+        self._next_expiry = min((p.expires_at for p in self._pins.values()), default=float("inf"))
+        return len(done)
+
+    def force_expire(self, num_blocks: int) -> int:
+        """Last resort when a request cannot fit otherwise: end the protections closest to expiry until
+        `num_blocks` blocks are available. Returns how many protections ended."""
+        ended = 0
+        for _, block_id in sorted((p.expires_at, b) for b, p in self._pins.items()):
+            if self.pool.num_available >= num_blocks:
+                break
+            del self._pins[block_id]
+            self.pool.release([block_id])
+            ended += 1
+        self._num_forced_expiries += ended
+        return ended
+
+    def protected_blocks(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.ttl_seconds, 0)
+        for pin in self._pins.values():
+            counts[pin.ttl_class] += 1
+        return counts
+
     # -- queries ---------------------------------------------------------------------------------
     def block_table(self, seq_id: str) -> list[int]:
         return self._seqs[seq_id].block_ids
@@ -140,7 +247,9 @@ class CacheManager:
         return max(0, -(-num_tokens // self.block_size) - len(self._seqs[seq_id].block_ids))
 
     def stats(self) -> CacheStats:
-        return CacheStats(self.pool.num_evictions, self._num_published, self.pool.usage())
+        self.expire()
+        return CacheStats(self.pool.num_evictions, self._num_published, self.pool.usage(), self.protected_blocks(),
+                          self._num_refused_writes, self._num_forced_expiries)
 
     def check_integrity(self) -> None:
         """Raise AssertionError unless pool states, ref counts and the index agree."""
@@ -149,9 +258,11 @@ class CacheManager:
         for seq in self._seqs.values():
             for block_id in seq.block_ids:
                 refs[block_id] += 1
+        for block_id in self._pins:
+            refs[block_id] += 1
         for block in self.pool.blocks:
             assert block.ref_count == refs[block.block_id], (
-                f"block {block.block_id}: ref_count {block.ref_count} but {refs[block.block_id]} tables hold it"
+                f"block {block.block_id}: ref_count {block.ref_count} but {refs[block.block_id]} holders"
             )
         for h, block_id in self.index.items():
             assert self.pool.blocks[block_id].block_hash == h, f"index entry for block {block_id} is stale"

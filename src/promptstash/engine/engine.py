@@ -10,7 +10,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,13 @@ class Usage:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose K/V came from the cache
     completion_tokens: int
+    # prompt tokens computed by this request and protected under a TTL class (its cache breakpoints)
+    cache_write_tokens: dict[str, int] = field(default_factory=dict)
+    cache_write_refused: bool = False  # breakpoints were asked for but protection would exceed the cap
+
+    @property
+    def num_cache_write_tokens(self) -> int:
+        return sum(self.cache_write_tokens.values())
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Completion:
     finish_reason: str
     usage: Usage
     timings: Timings
+    stop_sequence: str | None = None  # the stop string that ended generation, if one did
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,8 @@ class Engine:
     """Thread-safe: add_request / abort / step may be called from different threads."""
 
     def __init__(self, model: LlamaModel, tokenizer: Any | None, config: EngineConfig, model_id: str,
-                 model_path: Path | None = None) -> None:
+                 model_path: Path | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        """clock: the cache's time source for TTL protection (tests pass a fake one)."""
         self.model = model
         self.model_path = model_path
         self.tokenizer = tokenizer
@@ -97,7 +106,8 @@ class Engine:
         num_blocks = config.pool_blocks
         self.kv = KVCache(mcfg, num_blocks, block_size, model.dtype, model.device)
         kv_layout = f"bs{block_size}/{str(model.dtype).removeprefix('torch.')}"
-        self.cache = CacheManager(num_blocks, block_size, model_id, kv_layout, config.enable_prefix_caching)
+        self.cache = CacheManager(num_blocks, block_size, model_id, kv_layout, config.enable_prefix_caching,
+                                  clock=clock, max_protected_blocks=int(num_blocks * config.max_protected_fraction))
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_prefill_tokens)
         self.runner = ModelRunner(model, self.kv)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
@@ -124,7 +134,7 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         resolved = resolve_model(config.model, cache_dir=config.cache_dir, progress=config.progress)
         model_config = ModelConfig.from_dir(resolved.path)
-        weights = load_state_dict(resolved.path, config.torch_dtype, config.torch_device)
+        weights = load_state_dict(resolved.path, config.torch_dtype, config.torch_device, progress=config.progress)
         llama = LlamaModel(model_config, weights, config.torch_dtype, config.torch_device)
         del weights
         return cls(llama, Tokenizer.from_dir(resolved.path), config, resolved.model_id, resolved.path)
@@ -158,8 +168,13 @@ class Engine:
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *,
                     namespace: str = DEFAULT_NAMESPACE, request_id: str | None = None,
                     on_update: Callable[[RequestUpdate], None] | None = None,
-                    want_prompt_logits: bool = False) -> str:
-        """Queue a request; returns its id. Raises InvalidRequestError / ContextLengthError up front."""
+                    want_prompt_logits: bool = False,
+                    cache_breakpoints: Sequence[tuple[int, str]] = ()) -> str:
+        """Queue a request; returns its id. Raises InvalidRequestError / ContextLengthError up front.
+
+        cache_breakpoints: (prefix_len, ttl_class) pairs; once the prompt is computed, the full blocks of
+        each prefix are protected from eviction for that TTL class (see CacheManager.protect).
+        """
         sampling = sampling or SamplingParams()
         token_ids = self.tokenize(prompt)
         prompt_len = len(token_ids)
@@ -189,6 +204,7 @@ class Engine:
                 eos_token_ids=frozenset() if sampling.ignore_eos else self.eos_token_ids,
                 generator=make_generator(sampling.seed, self.model.device),
                 on_update=on_update, want_prompt_logits=want_prompt_logits,
+                cache_breakpoints=tuple((min(n, prompt_len), c) for n, c in cache_breakpoints),
             )
             self._requests[rid] = request
             self.scheduler.add(request)
@@ -229,6 +245,8 @@ class Engine:
                 self._num_computed_prompt_tokens += max(0, min(chunk.end, request.prompt_len) - chunk.start)
                 request.num_computed = chunk.end
                 self.cache.commit(request.request_id, request.token_ids, chunk.end)
+                if request.cache_breakpoints and request.cache_write is None and chunk.end >= request.prompt_len:
+                    request.cache_write = self.cache.protect(request.request_id, request.cache_breakpoints)
                 if request.want_prompt_logits:
                     request.prompt_logits.append(out.logits[rows])
                 if chunk.end < len(request.token_ids):
@@ -289,9 +307,31 @@ class Engine:
             text=request.stop_checker.text,
             token_ids=tuple(request.output_token_ids),
             finish_reason=request.finish_reason or "abort",
-            usage=Usage(request.prompt_len, max(request.num_cached_tokens, 0), request.num_output_tokens),
+            usage=self._usage(request),
             timings=Timings(ttft_s=first - request.arrival_time, total_s=end - request.arrival_time),
+            stop_sequence=request.stop_checker.matched,
         )
+
+    def usage(self, request_id: str) -> Usage:
+        """Usage of a request so far (cached tokens are known once it is admitted)."""
+        with self._lock:
+            return self._usage(self._requests[request_id])
+
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return sum(1 for r in self._requests.values() if not r.finished)
+
+    def _usage(self, request: Request) -> Usage:
+        num_cached = max(request.num_cached_tokens, 0)
+        written: dict[str, int] = {}
+        write = request.cache_write
+        if write is not None:
+            bs = self.cache.block_size
+            for j, ttl_class in enumerate(write.block_classes):
+                if j * bs >= num_cached:  # computed here, not read
+                    written[ttl_class] = written.get(ttl_class, 0) + bs
+        return Usage(request.prompt_len, num_cached, request.num_output_tokens, written,
+                     write is not None and write.refused)
 
     def run_until_done(self, request_ids: Sequence[str]) -> list[Completion]:
         pending = set(request_ids)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from promptstash.cache.manager import ProtectResult
 from promptstash.engine.sampling import SamplingParams
 
 
@@ -40,6 +41,7 @@ class StopChecker:
         self.text = ""
         self._emitted = 0
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended generation
 
     def push(self, token_id: int) -> bool:
         """Add a token's text; True if a stop string appeared (text is then cut before it)."""
@@ -53,6 +55,7 @@ class StopChecker:
             if at != -1:
                 self.text = self.text[:at]
                 self.stopped = True
+                self.matched = s
                 return True
         return False
 
@@ -81,6 +84,7 @@ class Request:
     generator: torch.Generator | None = None
     on_update: Callable[[RequestUpdate], None] | None = None
     want_prompt_logits: bool = False
+    cache_breakpoints: tuple[tuple[int, str], ...] = ()  # (prefix_len, ttl_class): protect once computed
 
     token_ids: list[int] = field(init=False)  # prompt then output; K/V exist for token_ids[:num_computed]
     status: RequestStatus = RequestStatus.WAITING
@@ -92,6 +96,7 @@ class Request:
     finish_time: float | None = None
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
     num_preemptions: int = 0
+    cache_write: ProtectResult | None = None  # what protecting the breakpoints did, once the prompt is computed
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

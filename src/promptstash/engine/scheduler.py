@@ -71,6 +71,7 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         """Chunks to compute in this step; at most one per request."""
+        self.cache.expire()
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
         budget = self.max_prefill_tokens
@@ -85,6 +86,12 @@ class Scheduler:
             request = self.waiting[0]
             request.num_computed = self.cache.open(request.request_id, request.token_ids, request.namespace)
             chunk = self._schedule_one(request, budget, scheduled, may_preempt=False)
+            if chunk is None and not self.running and not self.cache.waits_for_other(
+                    request.request_id, request.num_computed):
+                # nothing else can free blocks: TTL protections must give way rather than stall the queue
+                need = self.cache.blocks_needed(request.request_id, self._chunk_end(request, budget))
+                if self.cache.force_expire(need):
+                    chunk = self._schedule_one(request, budget, scheduled, may_preempt=False)
             if chunk is None and not self.cache.waits_for_other(request.request_id, request.num_computed):
                 self.cache.close(request.request_id)  # the pool has no room yet: stay in the queue
                 break

@@ -136,12 +136,13 @@ def resolve_model(
     )
 
 
-def load_state_dict(path: Path, dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
+def load_state_dict(path: Path, dtype: torch.dtype, device: str | torch.device,
+                    progress: bool = False) -> dict[str, torch.Tensor]:
     """Read every safetensors weight file of the model directory ``path``.
 
     Uses ``model.safetensors.index.json`` when present (sharded checkpoints), else all ``*.safetensors``
     files. Keys are the Hugging Face parameter names. Floating point tensors are cast to ``dtype``;
-    integer tensors keep theirs. All tensors are placed on ``device``.
+    integer tensors keep theirs. All tensors are placed on ``device``. ``progress`` shows a bar on stderr.
 
     Raises ModelNotFoundError when no weight file (or a shard named by the index) exists, and
     CorruptModelError when a file is truncated or unreadable, or a name appears in two files.
@@ -150,10 +151,13 @@ def load_state_dict(path: Path, dtype: torch.dtype, device: str | torch.device) 
     files = _weight_files(path)
     state: dict[str, torch.Tensor] = {}
     owner: dict[str, Path] = {}
+    bar = tqdm(desc=f"loading {path.name}", unit="tensor", file=sys.stderr, disable=not progress, leave=False)
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as reader:
+                bar.total = (bar.total or 0) + len(reader.keys())
                 for name in reader.keys():
+                    bar.update()
                     if name in state:
                         raise CorruptModelError(
                             f"tensor {name!r} appears in both {owner[name].name} and {file.name}; "
@@ -167,6 +171,7 @@ def load_state_dict(path: Path, dtype: torch.dtype, device: str | torch.device) 
             raise CorruptModelError(
                 f"cannot read safetensors file {file} ({file.stat().st_size:,} bytes): {exc}"
             ) from exc
+    bar.close()
     if not state:
         raise CorruptModelError(f"no tensors found in {', '.join(f.name for f in files)} under {path}")
     return state

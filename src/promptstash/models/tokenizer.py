@@ -188,6 +188,11 @@ class Tokenizer:
         """
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def token_ends(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` (as ``encode``) and, for each token, the character offset where it ends."""
+        enc = self._tokenizer.encode(text, add_special_tokens=False)
+        return enc.ids, [end for _, end in enc.offsets]
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``token_ids``; bytes of an incomplete UTF-8 character decode to U+FFFD."""
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,1 @@
+"""The HTTP server: OpenAI- and Anthropic-compatible routes over one engine."""

@@ -1,0 +1,151 @@
+"""The ASGI app: shared state, auth, errors, and the non-model routes; the model routes live in
+openai_api.py and anthropic_api.py."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from promptstash.config import ServerConfig
+from promptstash.engine.engine import Completion, Engine
+from promptstash.server.errors import APIError, error_response
+from promptstash.server.loop import EngineLoop, Submission
+from promptstash.server.metrics import ServerStats
+from promptstash.server.validate import parse_json_object
+
+log = logging.getLogger("promptstash.server")
+LOCAL_TENANT = "local"
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    config: ServerConfig
+    loop: EngineLoop
+    stats: ServerStats
+    model_name: str
+    created: int
+
+    def model_names(self) -> set[str]:
+        return {self.model_name, self.engine.model_id, "default"}
+
+    def check_model(self, name: str, param: str = "model") -> None:
+        if name not in self.model_names():
+            raise APIError(404, f"model {name!r} not found; this server serves {self.model_name!r}",
+                           param=param, code="model_not_found")
+
+    def tenant(self, request: Request) -> str:
+        """The tenant of the request's API key (Authorization: Bearer KEY, or x-api-key: KEY)."""
+        keys = self.config.api_keys
+        if not keys:
+            return LOCAL_TENANT
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not given:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+                           code="invalid_api_key")
+        for key, tenant in keys.items():
+            if hmac.compare_digest(key.encode(), given.encode()):
+                return tenant
+        raise APIError(401, "invalid API key", code="invalid_api_key")
+
+    async def body(self, request: Request) -> dict[str, Any]:
+        return parse_json_object(await request.body(), self.config.max_body_bytes)
+
+
+def cache_namespace(tenant: str, cache_salt: str | None) -> str:
+    """NOTE: the namespace is part of every block hash: tenants (and salts) never share blocks."""
+    return f"tenant={tenant}" + (f"|salt={cache_salt}" if cache_salt else "")
+
+
+async def wait_for_completion(submission: Submission, request: Request) -> Completion | None:
+    """Wait for a non-streamed request; None (and the request aborted) if the client went away."""
+    try:
+        while not submission.finished:
+            if await submission.next_update(timeout=0.5) is None and await request.is_disconnected():
+                await submission.abort()
+                return None
+        return await submission.completion()
+    except BaseException:
+        await submission.abort()
+        raise
+
+
+def model_name_for(engine: Engine) -> str:
+    return engine.model_id.split("@", 1)[0]
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
+    """An app serving `engine`. The engine thread starts and stops with the app's lifespan."""
+    from promptstash.server import anthropic_api, openai_api
+
+    config = config or ServerConfig()
+    state = ServerState(
+        engine=engine, config=config, loop=EngineLoop(engine, config.max_queued_requests),
+        stats=ServerStats(engine, config.prices),
+        model_name=config.served_model_name or model_name_for(engine), created=int(time.time()),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loop.start()
+        try:
+            yield
+        finally:
+            state.loop.stop()
+
+    app = FastAPI(title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.promptstash = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(APIError(exc.status_code, str(exc.detail)), request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(APIError(400, str(exc)), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s", request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}"), request.url.path)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": state.model_name, "requests_in_flight": state.loop.num_active}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        state.tenant(request)
+        entry = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "promptstash",
+                 "max_model_len": engine.max_model_len}
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.stats.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/cache/stats")
+    async def cache_stats() -> JSONResponse:
+        return JSONResponse(state.stats.snapshot())
+
+    openai_api.register(app, state)
+    anthropic_api.register(app, state)
+    return app

@@ -1,0 +1,152 @@
+"""What the server reports: Prometheus metrics and the /v1/cache/stats totals, from one record() per response.
+
+NOTE: every counter is fed from the same usage object that the response carries, so /metrics and
+/v1/cache/stats always agree with the sum of the usage fields returned.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from promptstash.config import PriceSheet
+from promptstash.engine.engine import Completion, Engine
+
+disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+@dataclass
+class Totals:
+    num_requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    cache_write_tokens: dict[str, int] = field(default_factory=lambda: {"5m": 0, "1h": 0, "24h": 0})
+    num_refused_writes: int = 0
+    computed_prompt_tokens: int = 0  # uncached prompt tokens of requests that computed some
+    prefill_seconds: float = 0.0  # their time to first token
+
+
+class ServerStats:
+    def __init__(self, engine: Engine, prices: PriceSheet) -> None:
+        self.engine = engine
+        self.prices = prices
+        self.totals = Totals()
+        self._lock = threading.Lock()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.m_requests = Counter("promptstash_requests", "Finished requests", ["route", "finish_reason"],
+                                  registry=r)
+        self.m_prompt = Counter("promptstash_prompt_tokens", "Prompt tokens (cache queries, in tokens)", registry=r)
+        self.m_cached = Counter("promptstash_cached_tokens", "Prompt tokens served from the cache (hits)",
+                                registry=r)
+        self.m_generated = Counter("promptstash_generation_tokens", "Generated tokens", registry=r)
+        self.m_written = Counter("promptstash_cache_write_tokens", "Prompt tokens written under a TTL class",
+                                 ["ttl"], registry=r)
+        self.m_refused = Counter("promptstash_cache_write_refused", "Cache writes refused (protected blocks "
+                                 "would exceed the pool's cap)", registry=r)
+        self.m_ttft = Histogram("promptstash_time_to_first_token_seconds", "Time to first token",
+                                buckets=LATENCY_BUCKETS, registry=r)
+        self.m_e2e = Histogram("promptstash_e2e_request_latency_seconds", "End-to-end request latency",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_PoolCollector(engine))
+
+    def record(self, route: str, completion: Completion) -> None:
+        u, t = completion.usage, completion.timings
+        with self._lock:
+            tot = self.totals
+            tot.num_requests += 1
+            tot.prompt_tokens += u.prompt_tokens
+            tot.cached_tokens += u.cached_tokens
+            tot.completion_tokens += u.completion_tokens
+            for ttl, n in u.cache_write_tokens.items():
+                tot.cache_write_tokens[ttl] = tot.cache_write_tokens.get(ttl, 0) + n
+                self.m_written.labels(ttl).inc(n)
+            tot.num_refused_writes += int(u.cache_write_refused)
+            if u.prompt_tokens > u.cached_tokens:
+                tot.computed_prompt_tokens += u.prompt_tokens - u.cached_tokens
+                tot.prefill_seconds += t.ttft_s
+        self.m_requests.labels(route, completion.finish_reason).inc()
+        self.m_prompt.inc(u.prompt_tokens)
+        self.m_cached.inc(u.cached_tokens)
+        self.m_generated.inc(u.completion_tokens)
+        if u.cache_write_refused:
+            self.m_refused.inc()
+        self.m_ttft.observe(t.ttft_s)
+        self.m_e2e.observe(t.total_s)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The /v1/cache/stats document."""
+        with self._lock:
+            tot = Totals(**{**self.totals.__dict__, "cache_write_tokens": dict(self.totals.cache_write_tokens)})
+        cache = self.engine.stats().cache
+        p = self.prices
+        uncached = tot.prompt_tokens - tot.cached_tokens
+        written = sum(tot.cache_write_tokens.values())
+        price = p.input_per_mtok / 1e6
+        no_cache = tot.prompt_tokens * price
+        anthropic = price * (uncached - written + tot.cache_write_tokens.get("5m", 0) * p.anthropic_write_5m
+                             + (tot.cache_write_tokens.get("1h", 0) + tot.cache_write_tokens.get("24h", 0))
+                             * p.anthropic_write_1h + tot.cached_tokens * p.anthropic_read)
+        openai = price * (uncached + tot.cached_tokens * p.openai_read)
+        rate = tot.computed_prompt_tokens / tot.prefill_seconds if tot.prefill_seconds > 0 else None
+        return {
+            "num_requests": tot.num_requests,
+            "prompt_tokens": tot.prompt_tokens,
+            "cached_tokens": tot.cached_tokens,
+            "uncached_prompt_tokens": uncached,
+            "completion_tokens": tot.completion_tokens,
+            "hit_rate": tot.cached_tokens / tot.prompt_tokens if tot.prompt_tokens else 0.0,
+            "cache_write_tokens": tot.cache_write_tokens,
+            "refused_writes": tot.num_refused_writes,
+            "pool": {
+                "num_blocks": cache.usage.num_blocks,
+                "block_size": self.engine.cache.block_size,
+                "used": cache.usage.num_in_use,
+                "cached": cache.usage.num_cached,
+                "free": cache.usage.num_free,
+                "evictions": cache.num_evictions,
+                "protected_blocks": cache.num_protected_blocks,
+                "forced_expiries": cache.num_forced_expiries,
+            },
+            "savings": {
+                "prefill_tokens_per_s": rate,
+                "prefill_seconds_saved": tot.cached_tokens / rate if rate else 0.0,
+                "prices": p.__dict__,
+                "input_cost_without_cache": no_cache,
+                "anthropic_style": {"input_cost": anthropic, "saved": no_cache - anthropic},
+                "openai_style": {"input_cost": openai, "saved": no_cache - openai},
+            },
+        }
+
+
+class _PoolCollector:
+    """Pool and eviction figures, read from the engine at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        cache = stats.cache
+        blocks = GaugeMetricFamily("promptstash_pool_blocks", "KV pool blocks by state", labels=["state"])
+        blocks.add_metric(["used"], cache.usage.num_in_use)
+        blocks.add_metric(["cached"], cache.usage.num_cached)
+        blocks.add_metric(["free"], cache.usage.num_free)
+        yield blocks
+        protected = GaugeMetricFamily("promptstash_protected_blocks", "Blocks protected by a TTL class",
+                                      labels=["ttl"])
+        for ttl, n in cache.num_protected_blocks.items():
+            protected.add_metric([ttl], n)
+        yield protected
+        yield CounterMetricFamily("promptstash_evictions", "Cached blocks evicted from the pool",
+                                  value=cache.num_evictions)
+        yield CounterMetricFamily("promptstash_preemptions", "Requests preempted for lack of blocks",
+                                  value=stats.num_preemptions)
+        yield GaugeMetricFamily("promptstash_requests_unfinished", "Requests queued or running",
+                                value=self.engine.num_unfinished())

@@ -1,0 +1,229 @@
+"""OpenAI-compatible routes: /v1/chat/completions and /v1/completions.
+
+Caching is automatic (every request reuses the longest cached prefix of its tenant's namespace);
+`prompt_cache_retention: "24h"` protects the prompt's blocks under the 24-hour TTL class.
+Usage: `prompt_tokens` includes cached tokens; `prompt_tokens_details.cached_tokens` is the engine's reuse.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from promptstash.engine.engine import Completion, Prompt, Usage
+from promptstash.engine.sampling import SamplingParams
+from promptstash.server.app import ServerState, cache_namespace, wait_for_completion
+from promptstash.server.common import SSE_HEADERS, new_request_id, sse, submit
+from promptstash.server.errors import APIError
+from promptstash.server.prompts import ChatMessage, TextBlock, render
+from promptstash.server.validate import Body
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+@dataclass(frozen=True)
+class _Options:
+    model: str
+    stream: bool
+    include_usage: bool
+    sampling: SamplingParams
+    namespace: str
+    retention: str
+
+
+def _options(state: ServerState, body: Body, tenant: str) -> _Options:
+    model = body.str("model", required=True)
+    state.check_model(model)
+    if body.int("n", 1) != 1:
+        raise body.fail("n", "only n=1 is supported")
+    if body.bool("logprobs", False) or body.int("top_logprobs", 0):
+        raise body.fail("logprobs", "logprobs are not supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.num(name, 0.0, min=-2.0, max=2.0) != 0.0:
+            raise body.fail(name, "penalties are not supported (only 0)")
+    if body.data.get("tools"):
+        raise body.fail("tools", "tool calling is not supported")
+    response_format = body.obj("response_format")
+    if response_format is not None and response_format.str("type", "text") != "text":
+        raise body.fail("response_format", "only {\"type\": \"text\"} is supported")
+    body.str("user")
+    body.str("prompt_cache_key")  # routing hint for multi-replica setups; one engine here needs none
+    retention = body.str("prompt_cache_retention", "in_memory", choices=("in_memory", "24h"))
+    stream = body.bool("stream", False)
+    stream_options = body.obj("stream_options")
+    include_usage = bool(stream_options and stream_options.bool("include_usage", False))
+    limit = state.engine.max_model_len
+    max_tokens = body.int("max_completion_tokens", None, min=0, max=limit)
+    if max_tokens is None:
+        max_tokens = body.int("max_tokens", None, min=0, max=limit)
+    sampling = SamplingParams(
+        max_tokens=state.config.default_max_tokens if max_tokens is None else max_tokens,
+        temperature=body.num("temperature", 1.0, min=0.0, max=2.0),
+        top_p=max(body.num("top_p", 1.0, min=0.0, max=1.0), 1e-9),
+        top_k=body.int("top_k", 0, min=0),
+        seed=body.int("seed"),
+        stop=body.stop("stop", 4),
+        ignore_eos=body.bool("ignore_eos", False),
+    )
+    salt = body.str("cache_salt")
+    return _Options(model, stream, include_usage, sampling, cache_namespace(tenant, salt), retention)
+
+
+def _chat_messages(body: Body) -> list[ChatMessage]:
+    raw = body.list("messages", required=True)
+    if not raw:
+        raise body.fail("messages", "must contain at least one message")
+    messages = []
+    for i, item in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict):
+            raise APIError(400, f"{where}: expected an object", param=where)
+        m = Body(item, where)
+        role = m.str("role", required=True)
+        if role not in ROLES:
+            raise m.fail("role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        content = item.get("content")
+        if isinstance(content, str):
+            blocks = (TextBlock(content),)
+        elif isinstance(content, list):
+            blocks = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, f"{where}.content[{j}]: only text parts are supported "
+                                        "({\"type\": \"text\", \"text\": ...})", param=f"{where}.content")
+                blocks.append(TextBlock(part["text"]))
+            blocks = tuple(blocks)
+        elif content is None and role == "assistant":
+            blocks = (TextBlock(""),)
+        else:
+            raise m.fail("content", "expected a string or an array of text parts")
+        messages.append(ChatMessage(ROLES[role], blocks))
+    return messages
+
+
+def _completion_prompt(body: Body) -> Prompt:
+    prompt = body.data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise body.fail("prompt", "must not be empty")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if prompt is None:
+        raise body.fail("prompt", "field required")
+    raise body.fail("prompt", "expected a non-empty string or array of token ids (one prompt per request)")
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens,
+                                  "cache_write_tokens": usage.num_cache_write_tokens},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def _finish_reason(completion: Completion) -> str:
+    if completion.finish_reason not in FINISH_REASONS:
+        raise APIError(500, f"generation failed (finish reason {completion.finish_reason!r})")
+    return FINISH_REASONS[completion.finish_reason]
+
+
+def register(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        tenant = state.tenant(request)
+        body = Body(await state.body(request))
+        opts = _options(state, body, tenant)
+        try:
+            prompt = render(state.engine.tokenizer, _chat_messages(body))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        return await _respond(state, request, "chat", prompt.token_ids, opts)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        tenant = state.tenant(request)
+        body = Body(await state.body(request))
+        opts = _options(state, body, tenant)
+        if body.bool("echo", False):
+            raise body.fail("echo", "echo is not supported")
+        if body.str("suffix"):
+            raise body.fail("suffix", "suffix is not supported")
+        if body.int("best_of", 1) != 1:
+            raise body.fail("best_of", "only best_of=1 is supported")
+        prompt = _completion_prompt(body)
+        if isinstance(prompt, str):
+            prompt = state.engine.tokenize(prompt)
+        return await _respond(state, request, "text", list(prompt), opts)
+
+
+async def _respond(state: ServerState, request: Request, kind: str, token_ids: list[int], opts: _Options):
+    breakpoints = [(len(token_ids), "24h")] if opts.retention == "24h" else []
+    rid = new_request_id()
+    submission = await submit(state, token_ids, opts.sampling, opts.namespace, breakpoints=breakpoints,
+                              request_id=rid)
+    prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    created = int(time.time())
+    headers = {"x-request-id": rid}
+    base = {"id": prefix + rid, "object": obj, "created": created, "model": opts.model, "system_fingerprint": None}
+
+    if not opts.stream:
+        completion = await wait_for_completion(submission, request)
+        if completion is None:
+            return JSONResponse({}, status_code=499)  # the client has gone; nobody reads this
+        state.stats.record(kind, completion)
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": completion.text, "refusal": None},
+                      "logprobs": None, "finish_reason": _finish_reason(completion)}
+        else:
+            choice = {"index": 0, "text": completion.text, "logprobs": None,
+                      "finish_reason": _finish_reason(completion)}
+        return JSONResponse({**base, "choices": [choice], "usage": usage_json(completion.usage)}, headers=headers)
+
+    chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    extra = {"usage": None} if opts.include_usage else {}
+
+    def chunk(text: str | None, finish_reason: str | None, first: bool = False) -> str:
+        if kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return sse({**base, "object": chunk_obj, "choices": [choice], **extra})
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if kind == "chat":
+                yield chunk(None, None, first=True)
+            async for update in submission.updates():
+                if update.new_text:
+                    yield chunk(update.new_text, None)
+            completion = await submission.completion()
+            reason = completion.finish_reason
+            if reason not in FINISH_REASONS:
+                yield sse({"error": {"message": f"generation failed ({reason})", "type": "server_error",
+                                     "param": None, "code": None}})
+                return
+            state.stats.record(kind, completion)
+            yield chunk(None, FINISH_REASONS[reason])
+            if opts.include_usage:
+                yield sse({**base, "object": chunk_obj, "choices": [], "usage": usage_json(completion.usage)})
+            yield sse("[DONE]")
+        finally:
+            submission.abort_soon()  # a client that went away frees its blocks now (no-op once complete)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
