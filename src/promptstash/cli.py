@@ -75,10 +75,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = _engine(args)
     app = create_app(engine, config)
     auth = f"{len(config.api_keys)} API keys" if config.api_keys else "no auth (one local tenant)"
-    print(f"promptstash: serving {app.state.promptstash.model_name} ({engine.model.dtype}, "
-          f"{engine.cache.pool.num_blocks * engine.cache.block_size:,}-token KV pool, {auth}) "
-          f"at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    ready = (f"promptstash: serving {app.state.promptstash.model_name} "
+             f"({str(engine.model.dtype).removeprefix('torch.')}, "
+             f"{engine.cache.pool.num_blocks * engine.cache.block_size:,}-token KV pool, {auth}) "
+             f"at http://{args.host}:{args.port}/v1  (Anthropic: /v1/messages, metrics: /metrics)")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                print(ready, file=sys.stderr, flush=True)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)).run()
     return 0
 
 

@@ -151,11 +151,19 @@ def load_state_dict(path: Path, dtype: torch.dtype, device: str | torch.device,
     files = _weight_files(path)
     state: dict[str, torch.Tensor] = {}
     owner: dict[str, Path] = {}
-    bar = tqdm(desc=f"loading {path.name}", unit="tensor", file=sys.stderr, disable=not progress, leave=False)
+    total = 0
+    if progress:  # headers only: cheap
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as reader:
+                    total += len(reader.keys())
+            except SafetensorError:
+                pass  # reported below
+    bar = tqdm(total=total or None, desc=f"loading {path.name}", unit="tensor", file=sys.stderr,
+               disable=not progress, leave=False)
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as reader:
-                bar.total = (bar.total or 0) + len(reader.keys())
                 for name in reader.keys():
                     bar.update()
                     if name in state:
