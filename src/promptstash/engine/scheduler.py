@@ -86,12 +86,6 @@ class Scheduler:
             request = self.waiting[0]
             request.num_computed = self.cache.open(request.request_id, request.token_ids, request.namespace)
             chunk = self._schedule_one(request, budget, scheduled, may_preempt=False)
-            if chunk is None and not self.running and not self.cache.waits_for_other(
-                    request.request_id, request.num_computed):
-                # nothing else can free blocks: TTL protections must give way rather than stall the queue
-                need = self.cache.blocks_needed(request.request_id, self._chunk_end(request, budget))
-                if self.cache.force_expire(need):
-                    chunk = self._schedule_one(request, budget, scheduled, may_preempt=False)
             if chunk is None and not self.cache.waits_for_other(request.request_id, request.num_computed):
                 self.cache.close(request.request_id)  # the pool has no room yet: stay in the queue
                 break
@@ -138,8 +132,13 @@ class Scheduler:
             return None
         while not self.cache.allocate(rid, end):
             victims = [r for r in self.running if r is not request and r.request_id not in scheduled]
-            if not may_preempt or not victims:
+            if may_preempt and victims:
+                self.preempt(victims[-1])
+                continue
+            if any(r is not request for r in self.running):
+                return None  # others still hold blocks: wait for them
+            # nothing else can free blocks: TTL protections give way rather than stall this request forever
+            if not self.cache.force_expire(self.cache.blocks_needed(rid, end)):
                 return None
-            self.preempt(victims[-1])
         scheduled.add(rid)
         return ScheduledChunk(request, request.num_computed, end)
