@@ -48,6 +48,12 @@ class EngineConfig:
     progress: bool = True  # progress bars while converting / loading
     num_threads: int | None = None  # torch CPU threads; None = torch's default
     max_protected_fraction: float = 0.5  # share of the pool that TTL-protected (cache_control) blocks may hold
+    # lower tiers: KV blocks beyond the pool (None = off). Entries are content-addressed by block hash.
+    kv_disk_dir: str | None = None  # local disk tier directory
+    kv_disk_bytes: int = 8 * 1024**3  # its size cap (LRU beyond)
+    redis_url: str | None = None  # e.g. redis://127.0.0.1:6379/0
+    redis_ttl_s: float | None = 3600.0  # expiry of unprotected blocks in Redis (protected: their TTL class)
+    kv_storage_dtype: str = "auto"  # dtype of stored entries; "auto" = the pool's (exact reuse)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -58,6 +64,9 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise InvalidRequestError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_storage_dtype != "auto" and self.kv_storage_dtype not in DTYPES:
+            raise InvalidRequestError(f"kv_storage_dtype must be 'auto' or one of {', '.join(DTYPES)}, "
+                                      f"got {self.kv_storage_dtype!r}")
         if not 0.0 <= self.max_protected_fraction <= 1.0:
             raise InvalidRequestError(f"max_protected_fraction must be in [0, 1], got {self.max_protected_fraction}")
         if self.max_prefill_tokens % self.block_size:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from promptstash.cache.block_pool import Block, BlockPool, PoolUsage
 from promptstash.cache.hashing import extend_hashes, root_hash
@@ -21,6 +22,25 @@ from promptstash.cache.prefix_index import PrefixIndex
 
 # TTL classes of explicit cache writes (Anthropic cache_control ttl, OpenAI prompt_cache_retention="24h").
 TTL_SECONDS: dict[str, float] = {"5m": 300.0, "1h": 3600.0, "24h": 86400.0}
+
+
+class BlockStore(Protocol):
+    """Where the manager keeps blocks beyond the pool (the tier chain, through the engine's KV copier).
+
+    The manager hands it pool block ids and block hashes only; the store moves the K/V bytes.
+    """
+
+    def save(self, block_id: int, block_hash: bytes, ttl_class: str | None) -> None:
+        """Snapshot a published block now and write it to the tiers later (off the critical path)."""
+        ...
+
+    def contains(self, block_hash: bytes) -> bool:
+        ...
+
+    def load(self, items: Sequence[tuple[bytes, int]]) -> int:
+        """Fill pool blocks from the tiers, in order: (block hash, block id) pairs. Returns how many
+        leading items were loaded; it stops at the first miss or damaged entry (which it deletes)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -31,6 +51,7 @@ class CacheStats:
     num_protected_blocks: dict[str, int]  # TTL class -> blocks protected from eviction now
     num_refused_writes: int  # protect() calls refused because protected blocks would exceed the cap
     num_forced_expiries: int  # protections ended early because a request could not fit otherwise
+    num_loaded_blocks: int = 0  # blocks loaded back from the tiers (hits beyond the pool)
 
 
 @dataclass(frozen=True)
@@ -59,9 +80,11 @@ class _Seq:
 class CacheManager:
     def __init__(self, num_blocks: int, block_size: int, model_id: str, kv_layout: str,
                  enable_prefix_caching: bool = True, *, clock: Callable[[], float] = time.monotonic,
-                 ttl_seconds: Mapping[str, float] | None = None, max_protected_blocks: int | None = None) -> None:
+                 ttl_seconds: Mapping[str, float] | None = None, max_protected_blocks: int | None = None,
+                 store: BlockStore | None = None) -> None:
         """clock: seconds (monotonic) for TTLs; ttl_seconds overrides TTL_SECONDS (tests use short ones);
-        max_protected_blocks caps blocks held by TTL protection (default: half the pool)."""
+        max_protected_blocks caps blocks held by TTL protection (default: half the pool); store, if given,
+        receives every published block (write-through) and serves prefixes that miss the pool."""
         self.block_size = block_size
         self.model_id = model_id
         self.kv_layout = kv_layout
@@ -80,6 +103,8 @@ class CacheManager:
         self._next_expiry = float("inf")
         self._num_refused_writes = 0
         self._num_forced_expiries = 0
+        self.store = store
+        self._num_loaded = 0
 
     def _on_evict(self, block: Block) -> None:
         assert block.block_hash is not None
@@ -118,10 +143,34 @@ class CacheManager:
                 if (pin := self._pins.get(block_id)) is not None:  # a hit refreshes the TTL
                     pin.expires_at = self.clock() + self.ttl_seconds[pin.ttl_class]
                 seq.block_ids.append(block_id)
-                if self._pending.get(seq.hashes[len(seq.block_ids) - 1]) == seq_id:
-                    del self._pending[seq.hashes[len(seq.block_ids) - 1]]
+            if self.store is not None:
+                self._load_from_store(seq, max_blocks)
+            for h in seq.hashes[seq.num_published:len(seq.block_ids)]:
+                if self._pending.get(h) == seq_id:
+                    del self._pending[h]
             seq.num_published = len(seq.block_ids)
         return seq.num_published * self.block_size
+
+    def _load_from_store(self, seq: _Seq, max_blocks: int) -> None:
+        """Extend a pool match with blocks from the tiers: allocate, load, publish."""
+        start = len(seq.block_ids)
+        end = start
+        while end < max_blocks and self.index.get(seq.hashes[end]) is None and self.store.contains(seq.hashes[end]):
+            end += 1
+        if end == start:
+            return
+        block_ids = self.pool.allocate(end - start)
+        if block_ids is None:
+            return
+        items = list(zip(seq.hashes[start:end], block_ids, strict=True))
+        num_loaded = self.store.load(items)
+        for h, block_id in items[:num_loaded]:
+            self.index.insert(h, block_id)
+            self.pool.set_hash(block_id, h)
+            seq.block_ids.append(block_id)
+        self.pool.release(reversed(block_ids[num_loaded:]))  # unhashed: back to the free list
+        self._num_loaded += num_loaded
+        self._num_published += num_loaded
 
     def waits_for_other(self, seq_id: str, num_computed: int) -> bool:
         """True if the next block this sequence would compute is being computed by another sequence."""
@@ -154,6 +203,8 @@ class CacheManager:
             if self.enable_prefix_caching and self.index.insert(h, seq.block_ids[j]):
                 self.pool.set_hash(seq.block_ids[j], h)
                 self._num_published += 1
+                if self.store is not None:
+                    self.store.save(seq.block_ids[j], h, None)
             if self._pending.get(h) == seq_id:
                 del self._pending[h]
         seq.num_published = max(seq.num_published, num_full)
@@ -205,6 +256,8 @@ class CacheManager:
             pin.expires_at = max(pin.expires_at, now + self.ttl_seconds[pin.ttl_class])
             self._next_expiry = min(self._next_expiry, pin.expires_at)
             result.append(pin.ttl_class)
+            if self.store is not None and pin.ttl_class != "5m":  # long classes are kept in the tiers too
+                self.store.save(block_id, seq.hashes[j], pin.ttl_class)
         return ProtectResult(tuple(result), refused=False)
 
     def expire(self) -> int:
@@ -249,7 +302,7 @@ class CacheManager:
     def stats(self) -> CacheStats:
         self.expire()
         return CacheStats(self.pool.num_evictions, self._num_published, self.pool.usage(), self.protected_blocks(),
-                          self._num_refused_writes, self._num_forced_expiries)
+                          self._num_refused_writes, self._num_forced_expiries, self._num_loaded)
 
     def check_integrity(self) -> None:
         """Raise AssertionError unless pool states, ref counts and the index agree."""

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from promptstash.cache.manager import CacheManager, CacheStats
-from promptstash.config import EngineConfig
+from promptstash.config import DTYPES, EngineConfig
+from promptstash.engine.kv_store import KVStore
 from promptstash.engine.request import Request, RequestStatus, RequestUpdate, StopChecker
 from promptstash.engine.runner import ModelRunner
 from promptstash.engine.sampling import SamplingParams, make_generator, sample
@@ -106,8 +107,10 @@ class Engine:
         num_blocks = config.pool_blocks
         self.kv = KVCache(mcfg, num_blocks, block_size, model.dtype, model.device)
         kv_layout = f"bs{block_size}/{str(model.dtype).removeprefix('torch.')}"
+        self.kv_store = self._make_store(model_id, kv_layout) if config.enable_prefix_caching else None
         self.cache = CacheManager(num_blocks, block_size, model_id, kv_layout, config.enable_prefix_caching,
-                                  clock=clock, max_protected_blocks=int(num_blocks * config.max_protected_fraction))
+                                  clock=clock, max_protected_blocks=int(num_blocks * config.max_protected_fraction),
+                                  store=self.kv_store)
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_prefill_tokens)
         self.runner = ModelRunner(model, self.kv)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
@@ -121,6 +124,29 @@ class Engine:
         self._num_computed_prompt_tokens = 0
         self._num_generated_tokens = 0
         self._num_steps = 0
+
+    def _make_store(self, model_id: str, kv_layout: str) -> KVStore | None:
+        from promptstash.cache.tiers.chain import TierChain
+
+        config = self.config
+        tiers = []
+        if config.kv_disk_dir:
+            from promptstash.cache.tiers.disk import DiskTier
+
+            tiers.append(DiskTier(config.kv_disk_dir, config.kv_disk_bytes))
+        if config.redis_url:
+            from promptstash.cache.tiers.redis_tier import RedisTier
+
+            tiers.append(RedisTier(config.redis_url, default_ttl_s=config.redis_ttl_s))
+        if not tiers:
+            return None
+        storage = None if config.kv_storage_dtype == "auto" else DTYPES[config.kv_storage_dtype]
+        return KVStore(self.kv, TierChain(tiers), model_id, kv_layout, storage)
+
+    def close(self, flush_timeout_s: float = 30.0) -> None:
+        """Flush pending tier writes (bounded by flush_timeout_s) and close the tiers."""
+        if self.kv_store is not None:
+            self.kv_store.close(flush_timeout_s)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod

@@ -67,7 +67,7 @@ def _options(state: ServerState, body: Body, tenant: str) -> _Options:
         temperature=body.num("temperature", 1.0, min=0.0, max=2.0),
         top_p=max(body.num("top_p", 1.0, min=0.0, max=1.0), 1e-9),
         top_k=body.int("top_k", 0, min=0),
-        seed=body.int("seed"),
+        seed=body.int("seed", min=-(2**63), max=2**64 - 1),  # torch.Generator.manual_seed's range
         stop=body.stop("stop", 4),
         ignore_eos=body.bool("ignore_eos", False),
     )

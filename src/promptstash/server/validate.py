@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from promptstash.server.errors import APIError
 
 _MISSING = object()
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: legal JSON, but maybe unpaired
 
 
 def parse_json_object(raw: bytes, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise APIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes} bytes")
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8-sig")  # strict: no surrogates (json.loads(bytes) would pass them through)
+        body = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8, an int over 4300 digits
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError):
+            raise APIError(400, "request body has an unpaired UTF-16 surrogate escape (\\ud800-\\udfff) "
+                                "in a string") from None
     if not isinstance(body, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}")
     return body
