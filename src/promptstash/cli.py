@@ -15,16 +15,35 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn reuse off (for comparisons)")
-    p.add_argument("--cache-dir", default=None, help="where converted models live (default ~/.cache/promptstash)")
+    p.add_argument("--models-dir", default=None, help="where converted models live (default ~/.cache/promptstash)")
 
 
 def _engine(args: argparse.Namespace):
     from promptstash.engine.engine import Engine
 
+    tiers = {}
+    if getattr(args, "command", None) == "serve":
+        tiers = dict(kv_disk_dir=None if args.no_disk_cache else args.cache_dir,
+                     kv_disk_bytes=_size(args.disk_cache_size), redis_url=args.redis_url,
+                     kv_storage_dtype=args.kv_storage_dtype)
     return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-                                  kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.cache_dir,
+                                  kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.models_dir, **tiers,
                                   enable_prefix_caching=not args.no_prefix_caching,
                                   max_num_seqs=getattr(args, "max_num_seqs", 16))
+
+
+def _size(text: str) -> int:
+    """Bytes from '8GiB', '500MB', '1048576'."""
+    units = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+             "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+    num = text.strip().lower().rstrip("s")
+    i = len(num)
+    while i and not num[i - 1].isdigit():
+        i -= 1
+    unit = num[i:].strip()
+    if unit not in units or not num[:i]:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; use e.g. 8GiB, 500MB or a byte count")
+    return int(float(num[:i]) * units[unit])
 
 
 def _print_stream(engine, prompt, max_tokens: int, temperature: float):
@@ -128,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--price-input", type=float, default=3.0, help="$ per million input tokens (cost estimates)")
     s.add_argument("--price-output", type=float, default=15.0, help="$ per million output tokens")
     s.add_argument("--log-level", default="warning")
+    s.add_argument("--cache-dir", default=str(Path("~/.cache/promptstash/kv").expanduser()),
+                   help="disk tier: KV blocks kept beyond memory and across restarts")
+    s.add_argument("--disk-cache-size", default="8GiB", help="disk tier size cap (LRU beyond), e.g. 8GiB")
+    s.add_argument("--no-disk-cache", action="store_true", help="turn the disk tier off")
+    s.add_argument("--redis-url", default=None, help="Redis tier, shared between servers: redis://HOST:PORT/DB")
+    s.add_argument("--kv-storage-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of stored KV entries (auto = the pool's, exact; bfloat16 halves fp32 bytes)")
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
     b.add_argument("workload", help="prefix")

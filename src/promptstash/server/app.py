@@ -106,6 +106,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             yield
         finally:
             state.loop.stop()
+            engine.close(flush_timeout_s=30)  # queued tier writes reach disk / Redis before we exit
 
     app = FastAPI(title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.promptstash = state

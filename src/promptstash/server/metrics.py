@@ -114,6 +114,7 @@ class ServerStats:
                 "protected_blocks": cache.num_protected_blocks,
                 "forced_expiries": cache.num_forced_expiries,
             },
+            "tiers": self._tiers(),
             "savings": {
                 "prefill_tokens_per_s": rate,
                 "prefill_seconds_saved": tot.cached_tokens / rate if rate else 0.0,
@@ -123,6 +124,18 @@ class ServerStats:
                 "openai_style": {"input_cost": openai, "saved": no_cache - openai},
             },
         }
+
+
+    def _tiers(self) -> list[dict[str, Any]]:
+        store = self.engine.kv_store
+        if store is None:
+            return []
+        out = []
+        for t in store.chain.stats():
+            row = dict(t.__dict__)
+            row["num_loaded_blocks"] = store.loaded_by_tier.get(t.name, 0)
+            out.append(row)
+        return out
 
 
 class _PoolCollector:
@@ -150,3 +163,27 @@ class _PoolCollector:
                                   value=stats.num_preemptions)
         yield GaugeMetricFamily("promptstash_requests_unfinished", "Requests queued or running",
                                 value=self.engine.num_unfinished())
+        store = self.engine.kv_store
+        if store is None:
+            return
+        tiers = store.chain.stats()
+        gauges = {"num_entries": "Entries stored", "num_bytes": "Bytes stored"}
+        counters = {"num_hits": "Lookups that hit", "num_misses": "Lookups that missed", "num_writes": "Writes",
+                    "num_refused_writes": "Writes refused (size cap, disk full, read-only)",
+                    "num_failed_writes": "Writes failed (backend error)", "num_failed_reads": "Reads failed",
+                    "num_corrupt": "Damaged entries found and deleted", "num_expired": "Entries expired",
+                    "load_seconds": "Seconds spent reading hits"}
+        for key, text in {**gauges, **counters}.items():
+            name = "promptstash_tier_" + key.removeprefix("num_")
+            cls = GaugeMetricFamily if key in gauges else CounterMetricFamily
+            family = cls(name, text + ", per tier", labels=["tier"])
+            for t in tiers:
+                family.add_metric([t.name], getattr(t, key))
+            yield family
+        loaded = CounterMetricFamily("promptstash_tier_loaded_blocks", "Blocks loaded into the pool, per tier",
+                                     labels=["tier"])
+        for t in tiers:
+            loaded.add_metric([t.name], store.loaded_by_tier.get(t.name, 0))
+        yield loaded
+        yield CounterMetricFamily("promptstash_tier_dropped_writes", "Tier writes dropped (write queue full)",
+                                  value=store.chain.num_dropped_writes)
