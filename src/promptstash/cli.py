@@ -110,8 +110,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.workload == "tiers":
+        from promptstash.bench import tiers
+
+        start = time.perf_counter()
+        res = tiers.run(prefix_lens=args.tier_prefix_lens, model=args.model, redis_url=args.redis_url,
+                        storage_dtype=args.kv_storage_dtype, use_redis=not args.no_redis)
+        js, md = tiers.write(res, Path(args.out))
+        print(tiers.to_markdown(res))
+        print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        return 0
     if args.workload != "prefix":
-        print(f"unknown workload {args.workload!r}; available: prefix", file=sys.stderr)
+        print(f"unknown workload {args.workload!r}; available: prefix, tiers", file=sys.stderr)
         return 2
     from promptstash.bench import prefix
 
@@ -156,13 +166,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of stored KV entries (auto = the pool's, exact; bfloat16 halves fp32 bytes)")
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
-    b.add_argument("workload", help="prefix")
+    b.add_argument("workload", help="prefix | tiers")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
     b.add_argument("--throughput-lens", type=int, nargs="+", default=[512, 2048])
     b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     b.add_argument("--no-baseline", action="store_true", help="skip transformers' implementation")
+    b.add_argument("--tier-prefix-lens", type=int, nargs="+", default=[2048, 8192], help="tiers: prefix lengths")
+    b.add_argument("--redis-url", default=None, help="tiers: an existing Redis (default: start a local one)")
+    b.add_argument("--kv-storage-dtype", default="auto", help="tiers: dtype of stored entries")
+    b.add_argument("--no-redis", action="store_true", help="tiers: skip the Redis tier")
     args = parser.parse_args(argv)
     from promptstash.errors import PromptstashError
 

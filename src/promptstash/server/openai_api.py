@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,6 +35,7 @@ class _Options:
     sampling: SamplingParams
     namespace: str
     retention: str
+    max_tokens_given: bool  # else the default, capped at what the context window leaves
 
 
 def _options(state: ServerState, body: Body, tenant: str) -> _Options:
@@ -72,7 +73,8 @@ def _options(state: ServerState, body: Body, tenant: str) -> _Options:
         ignore_eos=body.bool("ignore_eos", False),
     )
     salt = body.str("cache_salt")
-    return _Options(model, stream, include_usage, sampling, cache_namespace(tenant, salt), retention)
+    return _Options(model, stream, include_usage, sampling, cache_namespace(tenant, salt), retention,
+                    max_tokens is not None)
 
 
 def _chat_messages(body: Body) -> list[ChatMessage]:
@@ -170,6 +172,9 @@ def register(app: FastAPI, state: ServerState) -> None:
 
 async def _respond(state: ServerState, request: Request, kind: str, token_ids: list[int], opts: _Options):
     breakpoints = [(len(token_ids), "24h")] if opts.retention == "24h" else []
+    if not opts.max_tokens_given:  # as OpenAI does: never more than the context window leaves
+        room = max(1, state.engine.max_model_len - len(token_ids))
+        opts = replace(opts, sampling=replace(opts.sampling, max_tokens=min(opts.sampling.max_tokens, room)))
     rid = new_request_id()
     submission = await submit(state, token_ids, opts.sampling, opts.namespace, breakpoints=breakpoints,
                               request_id=rid)

@@ -89,7 +89,8 @@ class Body:
         if value is _MISSING:
             return default
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-            raise self.fail(field, f"expected a number, got {_type_name(value)}")
+            got = "a non-finite number" if isinstance(value, float) else _type_name(value)
+            raise self.fail(field, f"expected a finite number, got {got}")
         if min is not None and value < min:
             raise self.fail(field, f"must be >= {min}, got {value}")
         if max is not None and value > max:
