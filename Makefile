@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch==2.13.0 takes the machine's local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup serve test bench lint generate clean
+.PHONY: setup serve test bench lint generate clean redis
 
 setup: $(STAMP)
 
@@ -21,12 +21,18 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(VENV)/bin/promptstash serve
 
-test: setup
+# Redis tier tests run a real redis-server (Debian package); install it when missing.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq redis-server >/dev/null) || echo "warning: could not install redis-server; Redis tests will skip"
+
+test: setup redis
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup redis
 	$(VENV)/bin/promptstash bench prefix --out benchmarks/results
+	$(VENV)/bin/promptstash bench tiers --out benchmarks/results
 
 generate: setup
 	$(VENV)/bin/promptstash generate "What is the capital of France?"
