@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from conftest import our_model, tiny_hf_model
 
 from promptstash.cache.hashing import extend_hashes, root_hash
 from promptstash.cache.tiers.disk import DiskTier
-from promptstash.cache.tiers.entry import CorruptEntryError, EntryMeta, decode, encode
+from promptstash.cache.tiers.entry import CorruptEntryError, EntryMeta, decode, encode, read_header
 from promptstash.config import EngineConfig
 from promptstash.engine.engine import DEFAULT_NAMESPACE, Engine
 
@@ -216,3 +217,26 @@ def test_tenants_never_load_each_others_blocks_from_disk(weights, tmp_path) -> N
     assert b.generate(PROMPT, max_tokens=1, namespace="tenant=b").usage.cached_tokens == 0
     assert b.kv_store.loaded_by_tier == {}
     assert b.generate(PROMPT, max_tokens=1, namespace="tenant=a").usage.cached_tokens == 288
+
+
+def test_bfloat16_storage_halves_the_bytes_of_float32_kv(weights, tmp_path) -> None:
+    full = tiered_engine(weights, tmp_path / "fp32")
+    half = tiered_engine(weights, tmp_path / "bf16", kv_storage_dtype="bfloat16")
+    for engine in (full, half):
+        engine.generate(PROMPT, max_tokens=1)
+        engine.close()
+    size = {name: sum(f.stat().st_size for f in (tmp_path / name).rglob("*.kv")) for name in ("fp32", "bf16")}
+    assert size["bf16"] < 0.52 * size["fp32"]
+    again = tiered_engine(weights, tmp_path / "bf16", kv_storage_dtype="bfloat16")
+    assert again.generate(PROMPT, max_tokens=1).usage.cached_tokens == 288  # loads (approximately) back
+
+
+def test_long_ttl_class_is_written_with_its_expiry(weights, tmp_path) -> None:
+    engine = tiered_engine(weights, tmp_path)
+    rid = engine.add_request(PROMPT, cache_breakpoints=[(160, "24h")])
+    engine.run_until_done([rid])
+    engine.close()
+    headers = [read_header(f.read_bytes())[0] for f in tmp_path.rglob("*.kv")]
+    with_expiry = [h for h in headers if h["expires_at"] is not None]
+    assert len(with_expiry) == 10  # the 10 protected blocks of the 160-token prefix
+    assert all(h["expires_at"] > time.time() + 86000 for h in with_expiry)

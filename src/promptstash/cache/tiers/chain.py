@@ -19,7 +19,7 @@ _STOP = object()
 
 
 class TierChain:
-    def __init__(self, tiers: Sequence[Tier], max_pending_writes: int = 4096, sweep_interval_s: float = 30.0) -> None:
+    def __init__(self, tiers: Sequence[Tier], max_pending_writes: int = 512, sweep_interval_s: float = 30.0) -> None:
         self.tiers = list(tiers)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending_writes)
         self.num_dropped_writes = 0  # the write queue was full
