@@ -1,0 +1,165 @@
+"""The Redis tier: one Redis string per block, shared by every server process that points at the same Redis.
+
+    key:   <key_prefix>{<block hash hex>}      the braces are a Redis Cluster hash tag: each key is self-contained
+    value: the entry bytes (opaque)            expiry: server-side (SET ... PX), so Redis itself drops old blocks
+
+Contract (the Tier protocol): no method raises for backend trouble. A Redis that is unreachable at start, or goes
+away mid-run, makes get() miss, contains() answer False and put() return False; each such call is counted in
+num_failed_reads / num_failed_writes, and one warning is logged per outage (not one per call). After a failure the
+tier does not touch the network again until retry_interval_s has passed, so a dead Redis costs nothing on the
+request path; the first call after that probes Redis again, and when it answers the tier logs "reconnected" and
+carries on. Construction never connects, so it never fails because Redis is down (a malformed URL still raises).
+
+NOTE: stats().num_entries / num_bytes are a LOCAL ESTIMATE, not a SCAN of Redis: entries this process wrote minus
+those it deleted. Overwrites of a key count again, and expiry and other processes' writes are not seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from promptstash.cache.tiers.base import TierStats
+
+log = logging.getLogger("promptstash.tiers")
+
+T = TypeVar("T")
+# Everything a Redis call can raise for backend trouble (redis.ConnectionError / TimeoutError are RedisErrors).
+_BACKEND_ERRORS = (redis.RedisError, OSError)
+
+
+class RedisTier:
+    name = "redis"
+
+    def __init__(self, url: str, *, key_prefix: str = "promptstash:kv:", default_ttl_s: float | None = 3600.0,
+                 retry_interval_s: float = 5.0, socket_timeout_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.key_prefix = key_prefix
+        self.default_ttl_s = default_ttl_s  # used when put() gets ttl_s=None; None here = no expiry
+        self.retry_interval_s = retry_interval_s
+        self.clock = clock
+        # No client-side retries: redis-py's default retries with back-off would make every call to a dead Redis
+        # slow. The tier's own back-off (retry_interval_s) replaces them.
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+        kw = self._client.connection_pool.connection_kwargs
+        self._where = f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}/{kw.get('db', 0)}"  # no password
+        self._lock = threading.Lock()
+        self._stats = TierStats(self.name)
+        self._down_until: float | None = None  # while set and in the future, calls skip the network
+        self._outage = False  # a warning was logged and no call has succeeded since
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _key(self, block_hash: bytes) -> str:
+        return f"{self.key_prefix}{{{block_hash.hex()}}}"
+
+    def _backing_off(self) -> bool:
+        with self._lock:
+            return self._down_until is not None and self.clock() < self._down_until
+
+    def _call(self, op: Callable[[], T]) -> tuple[bool, T | None]:
+        """(True, result) of a Redis call, or (False, None) if Redis is failing or backed off (never raises)."""
+        if self._backing_off():
+            return False, None
+        try:
+            result = op()
+        except _BACKEND_ERRORS as exc:
+            self._failed(exc)
+            return False, None
+        with self._lock:
+            self._down_until = None
+            recovered, self._outage = self._outage, False
+        if recovered:
+            log.info("Redis tier at %s reconnected", self._where)
+        return True, result
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._down_until = self.clock() + self.retry_interval_s
+            first, self._outage = not self._outage, True
+        if first:
+            log.warning("Redis tier at %s is unavailable (%s: %s); retrying every %.3g s, further errors are "
+                        "counted, not logged", self._where, type(exc).__name__, exc, self.retry_interval_s)
+        try:  # drop idle connections: after a restart they are stale, and the next probe should dial afresh
+            self._client.connection_pool.disconnect(inuse_connections=False)
+        except _BACKEND_ERRORS:
+            pass
+
+    # -- Tier ------------------------------------------------------------------------------------
+    def get(self, block_hash: bytes) -> bytes | None:
+        start = time.perf_counter()
+        ok, data = self._call(lambda: self._client.get(self._key(block_hash)))
+        with self._lock:
+            if not ok:
+                self._stats.num_failed_reads += 1
+                self._stats.num_misses += 1
+                return None
+            if data is None:
+                self._stats.num_misses += 1
+                return None
+            self._stats.num_hits += 1
+            self._stats.load_seconds += time.perf_counter() - start
+        return bytes(data)
+
+    def contains(self, block_hash: bytes) -> bool:
+        ok, n = self._call(lambda: self._client.exists(self._key(block_hash)))
+        if not ok:
+            with self._lock:
+                self._stats.num_failed_reads += 1
+            return False
+        return bool(n)
+
+    def put(self, block_hash: bytes, entry: bytes, ttl_s: float | None) -> bool:
+        ttl = self.default_ttl_s if ttl_s is None else ttl_s
+        if ttl is not None and ttl <= 0:  # already expired: nothing worth storing
+            with self._lock:
+                self._stats.num_refused_writes += 1
+            return False
+        px = None if ttl is None else max(1, round(ttl * 1000))
+        ok, _ = self._call(lambda: self._client.set(self._key(block_hash), entry, px=px))
+        with self._lock:
+            if not ok:
+                self._stats.num_failed_writes += 1
+                return False
+            self._stats.num_writes += 1
+            self._stats.num_entries += 1
+            self._stats.num_bytes += len(entry)
+        return True
+
+    def delete(self, block_hash: bytes) -> None:
+        key = self._key(block_hash)
+
+        def op() -> list:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.strlen(key)
+            pipe.delete(key)
+            return pipe.execute()
+
+        ok, result = self._call(op)
+        with self._lock:
+            if not ok or result is None:
+                self._stats.num_failed_writes += 1
+                return
+            size, removed = result
+            if removed:
+                self._stats.num_entries = max(0, self._stats.num_entries - 1)
+                self._stats.num_bytes = max(0, self._stats.num_bytes - int(size))
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(**self._stats.__dict__)
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+            self._client.connection_pool.disconnect()
+        except _BACKEND_ERRORS:
+            pass
