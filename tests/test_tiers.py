@@ -174,7 +174,7 @@ def test_evicted_blocks_come_back_from_disk(weights, tmp_path) -> None:
     engine.close()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "bit_flip", "garbage", "wrong_model"])
+@pytest.mark.parametrize("damage", ["truncate", "bit_flip", "garbage", "wrong_model", "wrong_shape"])
 def test_damaged_disk_entry_is_deleted_and_recomputed_exactly(weights, tmp_path, damage: str) -> None:
     first = tiered_engine(weights, tmp_path)
     first.generate(PROMPT, max_tokens=1)
@@ -190,11 +190,11 @@ def test_damaged_disk_entry_is_deleted_and_recomputed_exactly(weights, tmp_path,
         data[-100] ^= 0x01
     elif damage == "garbage":
         data = bytearray(os.urandom(len(data)))
-    else:  # a valid entry of another model under this name
-        other = tiered_engine(weights, tmp_path / "other")
-        data = bytearray(encode(bytes.fromhex(victim.stem), EntryMeta(**{**other.kv_store.meta.__dict__,
-                                                                          "model_id": "another@model"}),
-                                bytes(other.kv_store.meta.payload_bytes), None))
+    else:  # a well-formed entry of another model, or of another shape, under this name
+        meta = first.kv_store.meta
+        meta = EntryMeta(**{**meta.__dict__, "model_id": "another@model"}) if damage == "wrong_model" else \
+            EntryMeta(**{**meta.__dict__, "shape": (2, meta.num_layers, 8, 2, meta.shape[-1] * 2)})
+        data = bytearray(encode(bytes.fromhex(victim.stem), meta, bytes(meta.payload_bytes), None))
     victim.write_bytes(bytes(data))
     second = tiered_engine(weights, tmp_path)
     logits = second.prompt_logits(PROMPT)

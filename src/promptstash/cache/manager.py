@@ -34,7 +34,8 @@ class BlockStore(Protocol):
         """Snapshot a published block now and write it to the tiers later (off the critical path)."""
         ...
 
-    def contains(self, block_hash: bytes) -> bool:
+    def num_leading(self, block_hashes: list[bytes]) -> int:
+        """How many leading blocks of the list the tiers hold (may be stale: load() can still stop early)."""
         ...
 
     def load(self, items: Sequence[tuple[bytes, int]]) -> int:
@@ -155,8 +156,9 @@ class CacheManager:
         """Extend a pool match with blocks from the tiers: allocate, load, publish."""
         start = len(seq.block_ids)
         end = start
-        while end < max_blocks and self.index.get(seq.hashes[end]) is None and self.store.contains(seq.hashes[end]):
+        while end < max_blocks and self.index.get(seq.hashes[end]) is None:
             end += 1
+        end = start + self.store.num_leading(seq.hashes[start:end]) if end > start else start
         if end == start:
             return
         block_ids = self.pool.allocate(end - start)

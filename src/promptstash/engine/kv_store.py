@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,8 @@ from promptstash.cache.tiers.entry import CorruptEntryError, EntryMeta, decode, 
 from promptstash.models.llama import KVCache
 
 log = logging.getLogger("promptstash.tiers")
+PREFETCH = 8  # entries read ahead of the one being copied into the pool
+READER_THREADS = 4
 
 
 class KVStore:
@@ -33,7 +36,7 @@ class KVStore:
         self.meta = EntryMeta(model_id=model_id, kv_layout=kv_layout, num_layers=num_layers,
                               shape=(2, num_layers, kv.block_size, num_heads, head_dim),
                               dtype=str(self.storage_dtype).removeprefix("torch."), num_tokens=kv.block_size)
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptstash-tier-reader")
+        self._reader = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="promptstash-tier-reader")
         self.num_corrupt = 0
         self.num_loaded = 0
         self.load_seconds = 0.0
@@ -57,38 +60,48 @@ class KVStore:
 
         self.chain.submit(block_hash, make_entry, None if ttl_class is None else TTL_SECONDS[ttl_class])
 
-    def contains(self, block_hash: bytes) -> bool:
-        return self.chain.contains(block_hash)
+    def num_leading(self, block_hashes: list[bytes]) -> int:
+        return self.chain.num_leading(block_hashes)
 
     def load(self, items: Sequence[tuple[bytes, int]]) -> int:
         start = time.perf_counter()
-        pending = self._reader.submit(self.chain.lookup, items[0][0]) if items else None
+        # NOTE: up to PREFETCH entries are being read (by the reader threads) while one is verified and copied
+        pending = deque(self._reader.submit(self._fetch, h) for h, _ in items[:PREFETCH])
         num = 0
-        for i, (block_hash, block_id) in enumerate(items):
-            found = pending.result()
-            pending = self._reader.submit(self.chain.lookup, items[i + 1][0]) if i + 1 < len(items) else None
+        for i, (_, block_id) in enumerate(items):
+            found = pending.popleft().result()
+            if i + PREFETCH < len(items):
+                pending.append(self._reader.submit(self._fetch, items[i + PREFETCH][0]))
             if found is None:
                 break
-            entry, tier = found
-            try:
-                payload = decode(entry, block_hash, self.meta)
-            except CorruptEntryError as exc:
-                self.num_corrupt += 1
-                log.warning("damaged KV entry %s from %s deleted (%s); recomputing", block_hash.hex(), tier, exc)
-                self.chain.delete(block_hash)
-                break
-            block = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.storage_dtype)
-            block = block.view(self.meta.shape).to(device=self.kv.k.device, dtype=self.kv.k.dtype)
+            block, tier = found
+            block = block.to(device=self.kv.k.device, dtype=self.kv.k.dtype)
             s = self._slots(block_id)
             self.kv.k[:, s] = block[0]
             self.kv.v[:, s] = block[1]
             self.loaded_by_tier[tier] = self.loaded_by_tier.get(tier, 0) + 1
             num += 1
-        if pending is not None:
-            pending.cancel()
+        for future in pending:
+            future.cancel()
         self.num_loaded += num
         self.load_seconds += time.perf_counter() - start
         return num
+
+    def _fetch(self, block_hash: bytes) -> tuple[torch.Tensor, str] | None:
+        """Read and verify one entry (on a reader thread). A damaged entry is deleted: None."""
+        found = self.chain.lookup(block_hash)
+        if found is None:
+            return None
+        entry, tier = found
+        try:
+            payload = decode(entry, block_hash, self.meta)
+        except CorruptEntryError as exc:
+            self.num_corrupt += 1
+            log.warning("damaged KV entry %s from %s deleted (%s); recomputing", block_hash.hex(), tier, exc)
+            self.chain.delete(block_hash)
+            return None
+        block = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.storage_dtype)
+        return block.view(self.meta.shape), tier
 
     def close(self, flush_timeout_s: float = 30.0) -> None:
         self.chain.close(flush_timeout_s)

@@ -33,6 +33,20 @@ class TierChain:
     def contains(self, block_hash: bytes) -> bool:
         return any(t.contains(block_hash) for t in self.tiers)
 
+    def num_leading(self, block_hashes: list[bytes]) -> int:
+        """How many leading blocks of the list some tier holds (one round trip per tier where possible)."""
+        present = [False] * len(block_hashes)
+        for tier in self.tiers:
+            todo = [i for i, p in enumerate(present) if not p]
+            if not todo:
+                break
+            many = getattr(tier, "contains_many", None)
+            hashes = [block_hashes[i] for i in todo]
+            found = many(hashes) if many is not None else [tier.contains(h) for h in hashes]
+            for i, f in zip(todo, found, strict=True):
+                present[i] = f
+        return next((i for i, p in enumerate(present) if not p), len(present))
+
     def lookup(self, block_hash: bytes) -> tuple[bytes, str] | None:
         """(entry, tier name) from the first tier that has it; copies a lower-tier hit to the tiers above."""
         for i, tier in enumerate(self.tiers):

@@ -2,7 +2,10 @@
 
     b"PSKV" | u32 header_len | header JSON (utf-8) | payload
     header: format version, block hash, model id, KV layout, layer count, payload shape and dtype,
-            token count, blake2b-128 of the payload, and the expiry (wall-clock seconds, or null)
+            token count, XXH3-128 of the payload, and the expiry (wall-clock seconds, or null)
+
+XXH3 is not a cryptographic hash: it detects damage (truncation, flipped bits), not a forger with write
+access to the cache directory or Redis, who could as well rewrite the header.
 
 NOTE: decode() checks every field against what the reader expects; anything that does not match
 (truncation, a flipped bit, another model's entry, another shape) raises CorruptEntryError, and the
@@ -11,13 +14,14 @@ caller deletes the entry and recomputes. A damaged entry can never reach the poo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
 
+import xxhash
+
 MAGIC = b"PSKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _LEN = struct.Struct("<I")
 MAX_HEADER = 64 * 1024
 
@@ -47,7 +51,7 @@ class EntryMeta:
 
 
 def _digest(payload: bytes | memoryview) -> str:
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+    return xxhash.xxh3_128_hexdigest(payload)
 
 
 def encode(block_hash: bytes, meta: EntryMeta, payload: bytes, expires_at: float | None) -> bytes:

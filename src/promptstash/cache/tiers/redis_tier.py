@@ -117,6 +117,21 @@ class RedisTier:
             return False
         return bool(n)
 
+    def contains_many(self, block_hashes: list[bytes]) -> list[bool]:
+        """contains() for many blocks in one round trip (a pipeline of EXISTS)."""
+        def op() -> list:
+            pipe = self._client.pipeline(transaction=False)
+            for h in block_hashes:
+                pipe.exists(self._key(h))
+            return pipe.execute()
+
+        ok, found = self._call(op)
+        if not ok:
+            with self._lock:
+                self._stats.num_failed_reads += 1
+            return [False] * len(block_hashes)
+        return [bool(n) for n in found]
+
     def put(self, block_hash: bytes, entry: bytes, ttl_s: float | None) -> bool:
         ttl = self.default_ttl_s if ttl_s is None else ttl_s
         if ttl is not None and ttl <= 0:  # already expired: nothing worth storing
