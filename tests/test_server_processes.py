@@ -79,6 +79,7 @@ def test_restart_on_the_same_cache_dir_serves_the_prefix_from_disk(model_dir, tm
     try:
         warm = second.complete()
         stats = second.stats()
+        metrics = httpx.get(second.url + "/metrics").text
     finally:
         second.stop()
     prompt_len = warm["usage"]["prompt_tokens"]
@@ -87,3 +88,5 @@ def test_restart_on_the_same_cache_dir_serves_the_prefix_from_disk(model_dir, tm
     disk = next(t for t in stats["tiers"] if t["name"] == "disk")
     assert disk["num_hits"] >= 1 and disk["num_loaded_blocks"] == (prompt_len - 1) // 16
     assert stats["cached_tokens"] == warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert f'promptstash_tier_loaded_blocks_total{{tier="disk"}} {float((prompt_len - 1) // 16)}' in metrics
+    assert 'promptstash_tier_entries{tier="disk"}' in metrics and "promptstash_tier_load_seconds_total" in metrics
