@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch==2.13.0 takes the machine's local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup serve test bench lint generate clean redis
+.PHONY: setup serve test bench lint generate clean redis browser
 
 setup: $(STAMP)
 
@@ -26,7 +26,12 @@ redis:
 	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq redis-server >/dev/null) || echo "warning: could not install redis-server; Redis tests will skip"
 
-test: setup redis
+# The dashboard test drives Debian's chromium headless; install it when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; the dashboard test will skip"
+
+test: setup redis browser
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
 

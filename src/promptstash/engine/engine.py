@@ -61,6 +61,8 @@ class Completion:
     usage: Usage
     timings: Timings
     stop_sequence: str | None = None  # the stop string that ended generation, if one did
+    prompt_token_ids: tuple[int, ...] = ()
+    namespace: str = DEFAULT_NAMESPACE
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,8 @@ class Engine:
             usage=self._usage(request),
             timings=Timings(ttft_s=first - request.arrival_time, total_s=end - request.arrival_time),
             stop_sequence=request.stop_checker.matched,
+            prompt_token_ids=tuple(request.prompt_token_ids),
+            namespace=request.namespace,
         )
 
     def usage(self, request_id: str) -> Usage:

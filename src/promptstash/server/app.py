@@ -13,12 +13,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promptstash.config import ServerConfig
 from promptstash.engine.engine import Completion, Engine
+from promptstash.server.dashboard import DASHBOARD_HTML
 from promptstash.server.errors import APIError, error_response
 from promptstash.server.loop import EngineLoop, Submission
 from promptstash.server.metrics import ServerStats
@@ -146,6 +147,30 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/v1/cache/stats")
     async def cache_stats() -> JSONResponse:
         return JSONResponse(state.stats.snapshot())
+
+    @app.get("/v1/cache/requests")
+    async def recent_requests(request: Request, limit: int = 50) -> dict[str, Any]:
+        """This tenant's recent requests, newest first, with their cached / uncached split."""
+        tenant = state.tenant(request)
+        return {"data": state.stats.recent.recent(cache_namespace(tenant, None), max(1, min(limit, 500)))}
+
+    @app.get("/v1/cache/requests/{request_id}/miss")
+    async def why_miss(request: Request, request_id: str) -> dict[str, Any]:
+        """Why did this request miss? Where its prompt first diverged from the closest earlier prompt."""
+        tenant = state.tenant(request)
+        report = state.stats.recent.divergence(request_id, cache_namespace(tenant, None))
+        if report is None:
+            raise APIError(404, f"no recent request {request_id!r} for this API key (the server keeps the last 512)")
+        return report
+
+    @app.get("/v1/cache/prefixes")
+    async def top_prefixes(request: Request, limit: int = 10) -> dict[str, Any]:
+        tenant = state.tenant(request)
+        return {"data": state.stats.recent.top_prefixes(cache_namespace(tenant, None), limit=max(1, min(limit, 100)))}
+
+    @app.get("/dashboard")
+    async def dashboard() -> Response:
+        return HTMLResponse(DASHBOARD_HTML)
 
     openai_api.register(app, state)
     anthropic_api.register(app, state)

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from promptstash.config import PriceSheet
 from promptstash.engine.engine import Completion, Engine
+from promptstash.server.recent import RecentRequests
 
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -35,6 +36,7 @@ class Totals:
 class ServerStats:
     def __init__(self, engine: Engine, prices: PriceSheet) -> None:
         self.engine = engine
+        self.recent = RecentRequests(engine.tokenizer, engine.cache.block_size)
         self.prices = prices
         self.totals = Totals()
         self._lock = threading.Lock()
@@ -58,6 +60,7 @@ class ServerStats:
 
     def record(self, route: str, completion: Completion) -> None:
         u, t = completion.usage, completion.timings
+        self.recent.add(route, completion.request_id, completion)
         with self._lock:
             tot = self.totals
             tot.num_requests += 1

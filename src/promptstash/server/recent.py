@@ -1,0 +1,133 @@
+"""Recent requests, per tenant namespace: the dashboard's request list, its top cached prefixes, and
+"why did this miss?" — where a prompt first diverged from the closest earlier prompt.
+
+    earlier:  [ system prompt ........ | "Today is 2026-11-27" | question ]
+    this:     [ system prompt ........ | "Today is 2026-11-28" | question ]
+                                                   ^ diverged_at: the first token that differs
+    reused = diverged_at rounded down to whole blocks (only full blocks are cached)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from promptstash.engine.engine import Completion
+
+CONTEXT_TOKENS = 24  # tokens of text shown on each side of a divergence
+
+
+@dataclass(frozen=True)
+class RecentRequest:
+    request_id: str
+    route: str
+    namespace: str
+    prompt_token_ids: tuple[int, ...]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    finished_at: float
+
+
+def common_prefix_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class RecentRequests:
+    def __init__(self, tokenizer: Any, block_size: int, max_requests: int = 512) -> None:
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self._items: deque[RecentRequest] = deque(maxlen=max_requests)
+        self._lock = threading.Lock()
+
+    def add(self, route: str, request_id: str, completion: Completion) -> None:
+        u = completion.usage
+        item = RecentRequest(request_id, route, completion.namespace, completion.prompt_token_ids, u.prompt_tokens,
+                             u.cached_tokens, u.completion_tokens, completion.timings.ttft_s, time.time())
+        with self._lock:
+            self._items.append(item)
+
+    def _snapshot(self, tenant_namespace: str | None) -> list[RecentRequest]:
+        """Requests of one tenant (its namespace, with or without a cache_salt), or of all (None)."""
+        t = tenant_namespace
+        with self._lock:
+            return [r for r in self._items if t is None or r.namespace == t or r.namespace.startswith(t + "|")]
+
+    def _text(self, ids: tuple[int, ...]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def recent(self, namespace: str | None, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest requests first, with their cached / uncached split."""
+        return [{"request_id": r.request_id, "route": r.route, "prompt_tokens": r.prompt_tokens,
+                 "cached_tokens": r.cached_tokens, "uncached_tokens": r.prompt_tokens - r.cached_tokens,
+                 "completion_tokens": r.completion_tokens, "ttft_s": r.ttft_s, "finished_at": r.finished_at}
+                for r in reversed(self._snapshot(namespace)[-limit:])]
+
+    def top_prefixes(self, namespace: str | None, protected: dict[bytes, str] | None = None,
+                     limit: int = 10) -> list[dict[str, Any]]:
+        """Prefixes that served hits, grouped by their first block: first tokens, size, hits."""
+        groups: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+        for r in self._snapshot(namespace):
+            if r.cached_tokens < self.block_size:
+                continue
+            key = (r.namespace, r.prompt_token_ids[:self.block_size])
+            g = groups.setdefault(key, {"first_tokens": self._text(r.prompt_token_ids[:CONTEXT_TOKENS]),
+                                        "size_tokens": 0, "hits": 0, "cached_tokens": 0})
+            g["size_tokens"] = max(g["size_tokens"], r.cached_tokens)
+            g["hits"] += 1
+            g["cached_tokens"] += r.cached_tokens
+        return sorted(groups.values(), key=lambda g: (-g["cached_tokens"], -g["hits"]))[:limit]
+
+    def divergence(self, request_id: str, namespace: str | None) -> dict[str, Any] | None:
+        """Why did this request miss (fully or partly)? None if the id is unknown (to this tenant)."""
+        items = self._snapshot(namespace)
+        index = next((i for i, r in enumerate(items) if r.request_id == request_id), None)
+        if index is None:
+            return None
+        this = items[index]
+        best, best_len = None, -1
+        for other in items[:index]:
+            if other.namespace != this.namespace:
+                continue
+            n = common_prefix_len(this.prompt_token_ids, other.prompt_token_ids)
+            if n > best_len:
+                best, best_len = other, n
+        report: dict[str, Any] = {
+            "request_id": this.request_id, "prompt_tokens": this.prompt_tokens, "cached_tokens": this.cached_tokens,
+            "block_size": self.block_size,
+        }
+        if best is None:
+            report.update(closest_request_id=None, diverged_at_token=0,
+                          explanation="no earlier request of this tenant to compare with: a first request computes "
+                                      "its whole prompt")
+            return report
+        at = best_len
+        lo = max(0, at - CONTEXT_TOKENS)
+        report.update(
+            closest_request_id=best.request_id,
+            diverged_at_token=at,
+            common_prefix_tokens=at,
+            reusable_tokens=min(at, this.prompt_tokens - 1) // self.block_size * self.block_size,
+            this_token_id=this.prompt_token_ids[at] if at < len(this.prompt_token_ids) else None,
+            earlier_token_id=best.prompt_token_ids[at] if at < len(best.prompt_token_ids) else None,
+            text_before=self._text(this.prompt_token_ids[lo:at]),
+            this_text_after=self._text(this.prompt_token_ids[at:at + CONTEXT_TOKENS]),
+            earlier_text_after=self._text(best.prompt_token_ids[at:at + CONTEXT_TOKENS]),
+        )
+        if at >= len(this.prompt_token_ids):
+            report["explanation"] = "the whole prompt repeats an earlier one; the last partial block is recomputed"
+        else:
+            report["explanation"] = (
+                f"the prompt first differs from request {best.request_id} at token {at}; everything after that "
+                f"point is recomputed (a common cause is a timestamp or a reordered list near the start)")
+        return report
