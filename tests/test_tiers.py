@@ -240,3 +240,19 @@ def test_long_ttl_class_is_written_with_its_expiry(weights, tmp_path) -> None:
     with_expiry = [h for h in headers if h["expires_at"] is not None]
     assert len(with_expiry) == 10  # the 10 protected blocks of the 160-token prefix
     assert all(h["expires_at"] > time.time() + 86000 for h in with_expiry)
+
+
+def test_read_only_cache_directory_refuses_writes_without_raising(tmp_path) -> None:
+    """A real read-only filesystem (a tmpfs mounted ro); root ignores permission bits, so chmod would not do."""
+    target = tmp_path / "ro"
+    target.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root); the unusable-directory test covers the path")
+    try:
+        tier = DiskTier(target, 1 << 20)
+        assert not tier.put(H, encode(H, META, payload(), None), None)
+        assert tier.get(H) is None and tier.stats().num_refused_writes == 1
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
