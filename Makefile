@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_PIN)"
-	$(PIP) install --quiet -e ".[gguf,model,test]"
+	$(PIP) install --quiet -e ".[gguf,model,test,bench]"
 	touch $(STAMP)
 
 serve: setup
