@@ -109,7 +109,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_workload(args: argparse.Namespace) -> int:
+    """rag | chat | system-prompt | trace: caching on vs off, in-process (default model) or against --url."""
+    from promptstash.bench import report, workloads
+
+    start = time.perf_counter()
+    engine = None
+    if args.url is None:
+        from promptstash.engine.engine import Engine
+
+        engine = Engine.from_pretrained(args.model, dtype=args.dtype)
+    res = workloads.run(args.workload, engine=engine, url=args.url, model=args.model if args.url else None,
+                        num_requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                        k=args.k, scale=args.scale, vocab_size=args.vocab_size, api_key=args.api_key,
+                        log=lambda m: print(m, file=sys.stderr))
+    paths = report.write(res, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+    print(report.to_markdown(res))
+    print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.workload in ("rag", "chat", "system-prompt", "trace"):
+        return _bench_workload(args)
     if args.workload == "tiers":
         from promptstash.bench import tiers
 
@@ -121,7 +143,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
         return 0
     if args.workload != "prefix":
-        print(f"unknown workload {args.workload!r}; available: prefix, tiers", file=sys.stderr)
+        print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace",
+              file=sys.stderr)
         return 2
     from promptstash.bench import prefix
 
@@ -166,12 +189,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of stored KV entries (auto = the pool's, exact; bfloat16 halves fp32 bytes)")
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
-    b.add_argument("workload", help="prefix | tiers")
+    b.add_argument("workload", help="prefix | tiers | rag | chat | system-prompt | trace")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
     b.add_argument("--throughput-lens", type=int, nargs="+", default=[512, 2048])
     b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    b.add_argument("--dtype", default="auto", help="workloads (in-process): model dtype")
+    b.add_argument("--url", default=None, help="workloads: an OpenAI-compatible server (default: in-process)")
+    b.add_argument("--api-key", default=None, help="workloads: API key for --url")
+    b.add_argument("--requests", type=int, default=20, help="workloads: number of requests")
+    b.add_argument("--concurrency", type=int, default=4, help="workloads: requests in flight")
+    b.add_argument("--max-tokens", type=int, default=16, help="workloads: output tokens per request")
+    b.add_argument("--k", type=int, default=3, help="rag: passages per question")
+    b.add_argument("--scale", type=int, default=32, help="trace: divide the 512-token blocks and lengths by this")
+    b.add_argument("--vocab-size", type=int, default=None, help="trace with --url: token ids below this")
     b.add_argument("--no-baseline", action="store_true", help="skip transformers' implementation")
     b.add_argument("--tier-prefix-lens", type=int, nargs="+", default=[2048, 8192], help="tiers: prefix lengths")
     b.add_argument("--redis-url", default=None, help="tiers: an existing Redis (default: start a local one)")

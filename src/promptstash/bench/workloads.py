@@ -100,7 +100,7 @@ def _clip(text: str, max_chars: int | None) -> str:
 
 
 # -- workloads ---------------------------------------------------------------------------------------------
-RAG_SYSTEM = ("You answer questions using only the passages below. Quote the passage title you rely on, answer in "
+RAG_SYSTEM = ("You answer questions using only the passages below. Cite the passage number you rely on, answer in "
               "one short sentence, and say 'unknown' if the passages do not contain the answer.")
 
 
@@ -111,13 +111,11 @@ def build_rag(num_requests: int = 20, k: int = 3, pool_size: int = 6, passage_ch
     prompt. A small pool makes passages recur; a passage is reusable by prefix caching only when every passage
     before it recurs too, so info reports both the passage recurrence and the prefix recurrence."""
     examples = json.loads(_data_file("rag/musique_dev.json").read_text())
-    pool: list[dict[str, str]] = []
-    seen_titles: set[str] = set()
+    pool: list[str] = []  # passage texts (the data's titles are empty)
     for ex in examples:
         for ctx in ex["ctxs"]:
-            if len(pool) < pool_size and ctx["title"] not in seen_titles:
-                seen_titles.add(ctx["title"])
-                pool.append(ctx)
+            if len(pool) < pool_size and ctx["text"] not in pool:
+                pool.append(ctx["text"])
     k = min(k, len(pool))
     rng = random.Random(seed)
     requests, seen_passages, seen_prefixes = [], set(), set()
@@ -128,7 +126,7 @@ def build_rag(num_requests: int = 20, k: int = 3, pool_size: int = 6, passage_ch
         prefix_recurring += sum(tuple(chosen[:n + 1]) in seen_prefixes for n in range(k))
         seen_passages.update(chosen)
         seen_prefixes.update(tuple(chosen[:n + 1]) for n in range(k))
-        passages = "\n\n".join(f"[{pool[j]['title']}]\n{_clip(pool[j]['text'], passage_chars)}" for j in chosen)
+        passages = "\n\n".join(f"[Passage {j + 1}]\n{_clip(pool[j], passage_chars)}" for j in chosen)
         question = examples[i % len(examples)]["question"]
         requests.append(BenchRequest([{"role": "system", "content": f"{RAG_SYSTEM}\n\n{passages}"},
                                       {"role": "user", "content": question}], f"q{i % len(examples)} p{chosen}"))
@@ -142,29 +140,38 @@ def build_rag(num_requests: int = 20, k: int = 3, pool_size: int = 6, passage_ch
 CHAT_SYSTEM = "You are a friendly, concise assistant."
 
 
+def _conversation_turns(conv: list[dict[str, str]], ci: int, message_chars: int | None) -> list[BenchRequest]:
+    """One request per user turn of a ShareGPT conversation, each with the whole history before it."""
+    history: list[dict[str, str]] = [{"role": "system", "content": CHAT_SYSTEM}]
+    turns = []
+    for m in conv:
+        role = "user" if m["from"] == "human" else "assistant"
+        history.append({"role": role, "content": _clip(m["value"], message_chars)})
+        if role == "user":
+            turns.append(BenchRequest(list(history), f"conv {ci} turn {len(turns) + 1}"))
+    return turns
+
+
 def build_chat(num_requests: int = 20, num_conversations: int = 4, message_chars: int | None = 2000) -> Workload:
-    """ShareGPT conversations with at least two user turns (file order), interleaved round-robin, one request
-    per user turn; each request resends the whole history, with the data's assistant turns as replies."""
+    """ShareGPT conversations with at least two user turns (file order), in waves of `num_conversations`
+    interleaved round-robin by turn, one request per user turn; each request resends the whole history, with
+    the data's assistant turns as replies. Waves continue until num_requests requests."""
     data = json.loads(_data_file("chat/sharegpt_dummy_conversations.json").read_text())
     convs = [c["conversations"] for c in data if sum(m["from"] == "human" for m in c["conversations"]) >= 2]
-    convs = convs[:num_conversations]
-    turns: list[list[BenchRequest]] = []
-    for ci, conv in enumerate(convs):
-        history: list[dict[str, str]] = [{"role": "system", "content": CHAT_SYSTEM}]
-        mine = []
-        for m in conv:
-            role = "user" if m["from"] == "human" else "assistant"
-            history.append({"role": role, "content": _clip(m["value"], message_chars)})
-            if role == "user":
-                mine.append(BenchRequest(list(history), f"conv {ci} turn {len(mine) + 1}"))
-        turns.append(mine)
     requests: list[BenchRequest] = []
-    for round_ in range(max((len(t) for t in turns), default=0)):
-        requests += [t[round_] for t in turns if round_ < len(t)]
-    requests = (requests * (1 + num_requests // max(1, len(requests))))[:num_requests]  # repeat if short
-    return Workload("chat", f"{len(convs)} ShareGPT conversations interleaved round-robin by turn; each request "
-                    "resends the whole history (assistant turns from the data).", requests,
-                    {"num_conversations": len(convs)})
+    wave = max(1, num_conversations)
+    used = 0
+    for first in range(0, len(convs), wave):
+        if len(requests) >= num_requests:
+            break
+        turns = [_conversation_turns(convs[ci], ci, message_chars) for ci in range(first, first + wave)
+                 if ci < len(convs)]
+        used += len(turns)
+        for round_ in range(max(len(t) for t in turns)):
+            requests += [t[round_] for t in turns if round_ < len(t)]
+    return Workload("chat", f"{used} ShareGPT conversations, {wave} at a time interleaved round-robin by turn; each "
+                    "request resends the whole history (assistant turns from the data).", requests[:num_requests],
+                    {"num_conversations": used, "interleaved": wave})
 
 
 def system_prompt_text() -> str:
@@ -179,11 +186,12 @@ def system_prompt_text() -> str:
     return "You are the customer support assistant of ACME Corp.\n" + "\n".join(rules)
 
 
-def build_system_prompt(num_requests: int = 20) -> Workload:
-    """One long shared system prompt, then distinct short MT-Bench first-turn questions (file order, cycling)."""
+def build_system_prompt(num_requests: int = 20, system_chars: int | None = None) -> Workload:
+    """One long shared system prompt (clipped to system_chars), then distinct short MT-Bench first-turn
+    questions (file order, cycling)."""
     lines = _data_file("chat/mt_bench_questions.jsonl").read_text().splitlines()
     questions = [json.loads(line)["turns"][0] for line in lines if line.strip()]
-    system = system_prompt_text()
+    system = _clip(system_prompt_text(), system_chars)
     requests = [BenchRequest([{"role": "system", "content": system},
                               {"role": "user", "content": questions[i % len(questions)]}], f"mt_bench {i}")
                 for i in range(num_requests)]
@@ -202,8 +210,32 @@ def trace_token_range(vocab_size: int) -> tuple[int, int]:
     return min(100, high // 2), high
 
 
-def build_trace(num_requests: int = 20, scale: int = 32, vocab_size: int = 151936) -> Workload:
-    """The first `num_requests` Mooncake trace requests in trace order (timestamps ignored: closed loop).
+def _trace_rows(num_requests: int, grouped: bool) -> list[dict[str, Any]]:
+    """Trace rows in trace order: the first num_requests, or (grouped) those of the fewest prefix groups (same
+    first hash id, recurring in the trace; groups taken by first appearance) that give num_requests."""
+    lines = _data_file("traces/mooncake_synthetic_trace.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    if not grouped:
+        return rows[:num_requests]
+    counts: dict[int, int] = {}
+    for r in rows:
+        counts[r["hash_ids"][0]] = counts.get(r["hash_ids"][0], 0) + 1
+    roots: set[int] = set()
+    total = 0
+    for r in rows:
+        root = r["hash_ids"][0]
+        if total >= num_requests:
+            break
+        if counts[root] >= 2 and root not in roots:
+            roots.add(root)
+            total += counts[root]
+    return [r for r in rows if r["hash_ids"][0] in roots][:num_requests]
+
+
+def build_trace(num_requests: int = 20, scale: int = 32, vocab_size: int = 151936, grouped: bool = True) -> Workload:
+    """Mooncake trace requests in trace order (timestamps ignored: closed loop). grouped (default): the requests
+    of the first prefix groups (sessions sharing a first block) that recur, since the trace's first requests
+    share nothing; otherwise the first `num_requests` requests.
     Each hash id becomes 512/scale deterministic tokens; input_length is divided by `scale` likewise.
     info["optimum_cached_tokens"]: what an unbounded cache would serve, from the hash ids alone (a block hits
     when its hash-id prefix was seen in an earlier request; it never counts more than the prompt)."""
@@ -211,11 +243,9 @@ def build_trace(num_requests: int = 20, scale: int = 32, vocab_size: int = 15193
         raise PromptstashError(f"trace scale must divide {TRACE_BLOCK_TOKENS}, got {scale}")
     block = TRACE_BLOCK_TOKENS // scale
     low, high = trace_token_range(vocab_size)
-    lines = _data_file("traces/mooncake_synthetic_trace.jsonl").read_text().splitlines()[:num_requests]
     seen: set[tuple[int, ...]] = set()
     requests, optimum, prompt_total = [], 0, 0
-    for i, line in enumerate(lines):
-        row = json.loads(line)
+    for i, row in enumerate(_trace_rows(num_requests, grouped)):
         ids = row["hash_ids"]
         length = min(-(-row["input_length"] // scale), block * len(ids))
         tokens = [t for h in ids for t in _block_tokens(h, block, low, high)][:length]
@@ -225,8 +255,9 @@ def build_trace(num_requests: int = 20, scale: int = 32, vocab_size: int = 15193
         prompt_total += length
         seen.update(prefixes)
         requests.append(BenchRequest(tokens, f"trace {i} ({len(ids)} blocks)"))
-    return Workload("trace", f"first {len(requests)} Mooncake synthetic trace requests in order, 1/{scale} scale "
-                    f"({block} tokens per hash id); closed-loop replay, timestamps ignored.", requests,
+    which = "the requests of the first recurring prefix groups" if grouped else "the first requests"
+    return Workload("trace", f"{len(requests)} Mooncake synthetic trace requests ({which}) in order, "
+                    f"1/{scale} scale ({block} tokens per hash id); closed-loop replay, timestamps ignored.", requests,
                     {"scale": scale, "block_tokens": block, "optimum_cached_tokens": optimum,
                      "optimum_hit_rate": optimum / prompt_total if prompt_total else 0.0,
                      "prompt_tokens": prompt_total})
@@ -234,13 +265,14 @@ def build_trace(num_requests: int = 20, scale: int = 32, vocab_size: int = 15193
 
 def build(name: str, num_requests: int = 20, *, k: int = 3, scale: int = 32, vocab_size: int = 151936,
           text_chars: int | None = None) -> Workload:
-    """The workload `name` (one of WORKLOADS). text_chars clips passages / messages (None = as in the data)."""
+    """The workload `name` (one of WORKLOADS). text_chars clips passages, messages and the system-prompt
+    workload's prompt (None = as in the data; chat's default clip is 2,000 characters per message)."""
     if name == "rag":
         return build_rag(num_requests, k=k, passage_chars=text_chars)
     if name == "chat":
-        return build_chat(num_requests, message_chars=text_chars)
+        return build_chat(num_requests, message_chars=text_chars or 2000)
     if name == "system-prompt":
-        return build_system_prompt(num_requests)
+        return build_system_prompt(num_requests, system_chars=text_chars)
     if name == "trace":
         return build_trace(num_requests, scale=scale, vocab_size=vocab_size)
     raise PromptstashError(f"unknown workload {name!r}; available: {', '.join(WORKLOADS)}")
@@ -335,7 +367,15 @@ def server_model(base: str, api_key: str | None = None) -> str:
     import httpx
 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.get(f"{base.rstrip('/')}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    r = httpx.get(f"{_base(base)}/v1/models", headers=headers, timeout=30)
+    if r.status_code != 200 or not r.json().get("data"):
+        raise PromptstashError(f"{_base(base)}/v1/models answered {r.status_code}: {r.text[:300]}")
+    return r.json()["data"][0]["id"]
+
+
+def _base(url: str) -> str:
+    """The server root of a URL given with or without a trailing /v1."""
+    return url.rstrip("/").removesuffix("/v1")
 
 
 def run_url(url: str, requests: Sequence[BenchRequest], *, mode: str, model: str, concurrency: int = 4,
@@ -345,7 +385,7 @@ def run_url(url: str, requests: Sequence[BenchRequest], *, mode: str, model: str
     Peak KV: max of /v1/cache/stats pool "used", sampled every 50 ms (0 if the server lacks it)."""
     import httpx
 
-    base = url.rstrip("/").removesuffix("/v1")
+    base = _base(url)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     run_salt = f"bench-on-{uuid.uuid4().hex}"
     salt: Callable[[], str] = (lambda: run_salt) if mode == "on" else (lambda: f"bench-off-{uuid.uuid4().hex}")
