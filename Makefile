@@ -38,6 +38,8 @@ test: setup redis browser
 bench: setup redis
 	$(VENV)/bin/promptstash bench prefix --out benchmarks/results
 	$(VENV)/bin/promptstash bench tiers --out benchmarks/results
+	for w in rag system-prompt chat trace; do $(VENV)/bin/promptstash bench $$w --out benchmarks/results || exit 1; done
+	$(VENV)/bin/promptstash bench summary --out benchmarks/results
 
 generate: setup
 	$(VENV)/bin/promptstash generate "What is the capital of France?"

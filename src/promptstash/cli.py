@@ -130,6 +130,12 @@ def _bench_workload(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.workload == "summary":
+        from promptstash.bench import summary
+
+        path = summary.write(Path(args.out))
+        print(path.read_text())
+        return 0
     if args.workload in ("rag", "chat", "system-prompt", "trace"):
         return _bench_workload(args)
     if args.workload == "tiers":

@@ -1,0 +1,103 @@
+"""`promptstash bench summary`: one results page from the workload reports in a results directory.
+
+It holds the seed table reproduced for our engine (TTFT, throughput, memory, cost, from the `rag`
+workload, caching on vs off in the same run) and each workload's on/off table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+WORKLOADS = ("rag", "chat", "system-prompt", "trace")
+SEED_ROWS = (  # the seed's claims, to set our measurements beside
+    ("TTFT (p50)", "2.8 s → 0.4 s"),
+    ("Throughput", "120 → 850 req/s"),
+    ("KV memory (peak)", "−42%"),
+    ("Input cost", "−88%"),
+)
+
+
+def _load(out_dir: Path, workload: str) -> dict[str, Any] | None:
+    path = out_dir / f"workload-{workload}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _change(on: float, off: float) -> str:
+    return f"{(on / off - 1) * 100:+.0f}%" if off else "–"
+
+
+def seed_table(rag: dict[str, Any]) -> list[str]:
+    on, off = rag["summary"]["on"], rag["summary"]["off"]
+    rows = [
+        ("TTFT (p50)", f"{off['ttft_p50_s']:.2f} s → {on['ttft_p50_s']:.2f} s",
+         f"{off['ttft_p50_s'] / on['ttft_p50_s']:.1f}× lower"),
+        ("Throughput", f"{off['requests_per_s']:.3f} → {on['requests_per_s']:.3f} req/s",
+         f"{on['requests_per_s'] / off['requests_per_s']:.2f}×"),
+        ("KV memory (peak)", f"{off['peak_kv_bytes'] / 2**20:,.0f} → {on['peak_kv_bytes'] / 2**20:,.0f} MiB",
+         _change(on["peak_kv_bytes"], off["peak_kv_bytes"])),
+        ("Input cost, Anthropic-style", f"${off['cost_no_cache']:.4f} → ${on['cost_anthropic_style']:.4f}",
+         _change(on["cost_anthropic_style"], off["cost_no_cache"])),
+        ("Input cost, OpenAI-style", f"${off['cost_no_cache']:.4f} → ${on['cost_openai_style']:.4f}",
+         _change(on["cost_openai_style"], off["cost_no_cache"])),
+    ]
+    seed = dict(SEED_ROWS)
+    lines = ["| metric | seed's claim | ours: off → on | change |", "|---|---|---|---|"]
+    for name, ours, change in rows:
+        claim = seed["Input cost"] if name.startswith("Input cost") else seed.get(name, "")
+        lines.append(f"| {name} | {claim} | {ours} | {change} |")
+    return lines
+
+
+def render(out_dir: Path) -> str:
+    reports = {w: _load(out_dir, w) for w in WORKLOADS}
+    lines = ["# Benchmark results", "",
+             "Produced by `make bench` (`promptstash bench prefix | tiers | rag | chat | system-prompt | trace | "
+             "summary`) on a 2-core x86_64 CPU without a GPU: the default model (Qwen2.5-Coder-0.5B-Instruct, "
+             "Q4_K_M GGUF dequantized), float32 (`dtype=auto` on this CPU), torch 2.13.0 CPU. Every workload measures "
+             "caching on and off in the same run (off: the same weights with prefix caching disabled).", ""]
+    rag = reports["rag"]
+    if rag is not None:
+        s = rag["setup"]
+        lines += ["## The seed's table, reproduced on this machine (`rag` workload)", "",
+                  f"Setup: {s['num_requests']} MuSiQue questions, each with a shared system prompt and "
+                  f"{s.get('k')} passages drawn from a pool of {rag['workload'].get('pool_size')} "
+                  f"(prefix recurrence {rag['workload'].get('prefix_recurrence_rate', 0):.0%}), concurrency "
+                  f"{s['concurrency']}, {s['max_tokens']} output tokens, in-process. The seed's figures came from a "
+                  "GPU serving many users; ours are what this CPU measured, whatever they are.", ""]
+        lines += seed_table(rag) + [""]
+    lines += ["## Workloads: caching on vs off", ""]
+    keys = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "requests_per_s", "total_tokens_per_s",
+            "hit_rate", "peak_kv_bytes", "cost_per_1k_openai_style", "cost_per_1k_anthropic_style")
+    for w in WORKLOADS:
+        report = reports[w]
+        if report is None:
+            lines += [f"### {w}", "", "(not run)", ""]
+            continue
+        on, off, ratio = report["summary"]["on"], report["summary"]["off"], report.get("ratio", {})
+        lines += [f"### {w}", "", report["workload"].get("description", ""), "",
+                  "| metric | on | off | on / off |", "|---|---:|---:|---:|"]
+        for k in keys:
+            r = ratio.get(k)
+            lines.append(f"| {k} | {_num(on.get(k))} | {_num(off.get(k))} | {'–' if r is None else f'{r:.3g}'} |")
+        if w == "trace" and "optimum_cached_tokens" in report["workload"]:
+            lines.append(f"\nCached tokens {on['cached_tokens']:,} vs the unbounded-cache optimum "
+                         f"{report['workload']['optimum_cached_tokens']:,}.")
+        lines += ["", f"Details and plots: [workload-{w}.md](workload-{w}.md), ![{w}](workload-{w}.png)", ""]
+    lines += ["Other results: [prefix caching vs transformers](prefix.md), [tiers](tiers.md).", ""]
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}"
+
+
+def write(out_dir: Path) -> Path:
+    path = out_dir / "README.md"
+    path.write_text(render(out_dir))
+    return path
