@@ -63,6 +63,9 @@ def test_dashboard_in_headless_chromium_shows_the_live_figures(server) -> None:
     assert text_of(dom, "pool-cached") == str(stats["pool"]["cached"])
     assert all(f"<code>{request_id}</code>" in dom for request_id in ids)  # the recent requests
     assert "hello world" in dom  # a top cached prefix, decoded
+    prefixes = httpx.get(server.url + "/v1/cache/prefixes").json()["data"]
+    assert prefixes[0]["hits"] == 2 and prefixes[0]["tier"] == "pool" and prefixes[0]["ttl_class"] is None
+    assert prefixes[0]["size_tokens"] == stats["cached_tokens"] // 2
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     browse(server.url + "/dashboard", f"--screenshot={shot}", "--window-size=1280,1300")

@@ -124,6 +124,9 @@ def test_anthropic_breakpoint_writes_then_reads_with_ttl_split(server) -> None:
                                        {"role": "user", "content": "question two"}]))
     assert u2.input_tokens == prompt_len2 - u2.cache_read_input_tokens
     assert engine.stats().cache.num_protected_blocks["1h"] >= u1.cache_creation_input_tokens // 16
+    prefixes = httpx.get(server.url + "/v1/cache/prefixes").json()["data"]
+    mine = next(p for p in prefixes if "anthropic" in p["first_tokens"])
+    assert (mine["tier"], mine["ttl_class"]) == ("pool", "1h")  # the dashboard's top-prefix row
     # a streamed repeat agrees with a plain repeat (both now read the whole cached prompt)
     third = client.messages.create(messages=[{"role": "user", "content": "question two"}], **kwargs)
     with client.messages.stream(messages=[{"role": "user", "content": "question two"}], **kwargs) as stream:

@@ -287,6 +287,20 @@ class CacheManager:
         self._num_forced_expiries += ended
         return ended
 
+    def locate(self, token_ids: Sequence[int], namespace: str) -> tuple[str | None, str | None]:
+        """(where the prefix's last full block is: "pool" / a tier name / None, its TTL class or None)."""
+        hashes: list[bytes] = []
+        extend_hashes(hashes, root_hash(self.model_id, self.kv_layout, namespace), token_ids, self.block_size)
+        if not hashes:
+            return None, None
+        block_id = self.index.get(hashes[-1])
+        if block_id is not None:
+            pin = self._pins.get(block_id)
+            return "pool", None if pin is None else pin.ttl_class
+        if self.store is not None and self.store.num_leading(hashes[-1:]):
+            return "tier", None
+        return None, None
+
     def protected_blocks(self) -> dict[str, int]:
         counts = dict.fromkeys(self.ttl_seconds, 0)
         for pin in self._pins.values():

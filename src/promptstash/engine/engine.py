@@ -419,6 +419,12 @@ class Engine:
                 cache=self.cache.stats(),
             )
 
+    def locate_prefix(self, token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> tuple[str | None,
+                                                                                                  str | None]:
+        """Where a prefix's blocks are now ("pool", "tier" or None) and its TTL class, if protected."""
+        with self._lock:
+            return self.cache.locate(token_ids, namespace)
+
     def check_integrity(self) -> None:
         with self._lock:
             self.cache.check_integrity()

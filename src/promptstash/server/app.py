@@ -3,6 +3,7 @@ openai_api.py and anthropic_api.py."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -166,7 +167,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/v1/cache/prefixes")
     async def top_prefixes(request: Request, limit: int = 10) -> dict[str, Any]:
         tenant = state.tenant(request)
-        return {"data": state.stats.recent.top_prefixes(cache_namespace(tenant, None), limit=max(1, min(limit, 100)))}
+        data = await asyncio.to_thread(state.stats.recent.top_prefixes, cache_namespace(tenant, None),
+                                       engine.locate_prefix, max(1, min(limit, 100)))
+        return {"data": data}
 
     @app.get("/dashboard")
     async def dashboard() -> Response:

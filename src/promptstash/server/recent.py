@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,20 +74,27 @@ class RecentRequests:
                  "completion_tokens": r.completion_tokens, "ttft_s": r.ttft_s, "finished_at": r.finished_at}
                 for r in reversed(self._snapshot(namespace)[-limit:])]
 
-    def top_prefixes(self, namespace: str | None, protected: dict[bytes, str] | None = None,
+    def top_prefixes(self, namespace: str | None, locate: Callable[[tuple[int, ...], str], tuple] | None = None,
                      limit: int = 10) -> list[dict[str, Any]]:
-        """Prefixes that served hits, grouped by their first block: first tokens, size, hits."""
+        """Prefixes that served hits, grouped by their first block: first tokens, size, hits; where they are now
+        (locate(token_ids, namespace) -> (tier, ttl_class))."""
         groups: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
         for r in self._snapshot(namespace):
             if r.cached_tokens < self.block_size:
                 continue
             key = (r.namespace, r.prompt_token_ids[:self.block_size])
             g = groups.setdefault(key, {"first_tokens": self._text(r.prompt_token_ids[:CONTEXT_TOKENS]),
-                                        "size_tokens": 0, "hits": 0, "cached_tokens": 0})
-            g["size_tokens"] = max(g["size_tokens"], r.cached_tokens)
+                                        "size_tokens": 0, "hits": 0, "cached_tokens": 0, "_ids": (), "_ns": ""})
+            if r.cached_tokens >= g["size_tokens"]:
+                g["size_tokens"], g["_ns"] = r.cached_tokens, r.namespace
+                g["_ids"] = r.prompt_token_ids[:r.cached_tokens]
             g["hits"] += 1
             g["cached_tokens"] += r.cached_tokens
-        return sorted(groups.values(), key=lambda g: (-g["cached_tokens"], -g["hits"]))[:limit]
+        top = sorted(groups.values(), key=lambda g: (-g["cached_tokens"], -g["hits"]))[:limit]
+        for g in top:
+            ids, ns = g.pop("_ids"), g.pop("_ns")
+            g["tier"], g["ttl_class"] = locate(ids, ns) if locate is not None else (None, None)
+        return top
 
     def divergence(self, request_id: str, namespace: str | None) -> dict[str, Any] | None:
         """Why did this request miss (fully or partly)? None if the id is unknown (to this tenant)."""
