@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -21,6 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from promptstash.config import PriceSheet
 from promptstash.engine.engine import Engine
@@ -295,6 +298,7 @@ def run_engine(engine: Engine, requests: Sequence[BenchRequest], *, mode: str, c
     inflight: dict[str, tuple[int, float]] = {}
     records: list[RequestRecord] = []
     peak = 0
+    bar = tqdm(total=len(requests), desc=f"caching {mode}", unit="req", file=sys.stderr, leave=False)
     t0 = time.perf_counter()
     while pending or inflight:
         while pending and len(inflight) < max(1, concurrency):
@@ -309,6 +313,8 @@ def run_engine(engine: Engine, requests: Sequence[BenchRequest], *, mode: str, c
                 records.append(RequestRecord(i, c.usage.prompt_tokens, c.usage.cached_tokens,
                                              c.usage.completion_tokens, c.timings.ttft_s, c.timings.total_s,
                                              start, time.perf_counter() - t0))
+                bar.update()
+    bar.close()
     bs = engine.cache.block_size
     return RunData(mode, records, time.perf_counter() - t0, peak, bs, engine.kv.bytes_per_token * bs)
 
@@ -394,6 +400,7 @@ def run_url(url: str, requests: Sequence[BenchRequest], *, mode: str, model: str
     records: list[RequestRecord] = []
     errors: list[BaseException] = []
     pool = {"peak": 0, "block_size": 16}
+    bar = tqdm(total=len(requests), desc=f"caching {mode}", unit="req", file=sys.stderr, leave=False)
     with httpx.Client(headers=headers, timeout=timeout_s) as client:
         stop = threading.Event()
         sampler = threading.Thread(target=_pool_sampler, args=(client, base, stop, pool), daemon=True)
@@ -416,6 +423,7 @@ def run_url(url: str, requests: Sequence[BenchRequest], *, mode: str, model: str
                 with lock:
                     records.append(RequestRecord(i, r["prompt_tokens"], r["cached_tokens"], r["completion_tokens"],
                                                  r["ttft_s"], r["e2e_s"], start, time.perf_counter() - t0))
+                    bar.update()
 
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, concurrency))]
         for t in threads:
@@ -423,6 +431,7 @@ def run_url(url: str, requests: Sequence[BenchRequest], *, mode: str, model: str
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        bar.close()
         stop.set()
         sampler.join(timeout=5)
     if errors:
