@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis_helpers import free_port
 from test_hf_directory import _save_tiny_checkpoint
 
 PROMPT = "hello world, this is a tiny corpus. " * 40
@@ -23,12 +23,6 @@ def model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-model")
     _save_tiny_checkpoint("qwen2", path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -138,27 +138,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.workload in ("rag", "chat", "system-prompt", "trace"):
         return _bench_workload(args)
-    if args.workload == "tiers":
-        from promptstash.bench import tiers
-
-        start = time.perf_counter()
-        res = tiers.run(prefix_lens=args.tier_prefix_lens, model=args.model, redis_url=args.redis_url,
-                        storage_dtype=args.kv_storage_dtype, use_redis=not args.no_redis)
-        js, md = tiers.write(res, Path(args.out))
-        print(tiers.to_markdown(res))
-        print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-        return 0
-    if args.workload != "prefix":
-        print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace",
-              file=sys.stderr)
-        return 2
-    from promptstash.bench import prefix
+    from promptstash.bench import prefix, tiers
 
     start = time.perf_counter()
-    res = prefix.run(prefix_lens=args.prefix_lens, throughput_lens=args.throughput_lens, dtypes=args.dtypes,
-                     model=args.model, baseline=not args.no_baseline)
-    js, md = prefix.write(res, Path(args.out))
-    print(prefix.to_markdown(res))
+    if args.workload == "tiers":
+        module = tiers
+        res = tiers.run(prefix_lens=args.tier_prefix_lens, model=args.model, redis_url=args.redis_url,
+                        storage_dtype=args.kv_storage_dtype, use_redis=not args.no_redis)
+    elif args.workload == "prefix":
+        module = prefix
+        res = prefix.run(prefix_lens=args.prefix_lens, throughput_lens=args.throughput_lens, dtypes=args.dtypes,
+                         model=args.model, baseline=not args.no_baseline)
+    else:
+        print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
+              "summary", file=sys.stderr)
+        return 2
+    js, md = module.write(res, Path(args.out))
+    print(module.to_markdown(res))
     print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
     return 0
 

@@ -33,7 +33,7 @@ class PrefixResults:
     kv_bytes_per_token: dict[str, int] = field(default_factory=dict)
 
 
-def _random_tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+def random_tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
     # ordinary text tokens only (Qwen's special tokens start at 151643)
     return [rng.randrange(100, min(vocab, 150000)) for _ in range(n)]
 
@@ -85,21 +85,21 @@ def run(prefix_lens: Sequence[int] = (512, 2048, 8192), throughput_lens: Sequenc
         vocab = engine.model.config.vocab_size
         hf = _hf_model(engine.model_path, engine.model.dtype) if baseline else None
         first = dtype == dtypes[0]
-        engine.generate(_random_tokens(rng, 64, vocab), max_tokens=2, namespace="warmup")  # first-call costs
+        engine.generate(random_tokens(rng, 64, vocab), max_tokens=2, namespace="warmup")  # first-call costs
         if hf is not None:
-            _hf_ttft(hf, _random_tokens(rng, 64, vocab))
+            _hf_ttft(hf, random_tokens(rng, 64, vocab))
         if first:  # TTFT cold vs hit, in the first (default) dtype
             for n in prefix_lens:
-                prefix = _random_tokens(rng, n, vocab)
+                prefix = random_tokens(rng, n, vocab)
                 ns = f"ttft-{n}-{rng.random()}"
-                cold = engine.generate(prefix + _random_tokens(rng, SUFFIX_LEN, vocab), max_tokens=1, namespace=ns)
-                hit = engine.generate(prefix + _random_tokens(rng, SUFFIX_LEN, vocab), max_tokens=1, namespace=ns)
+                cold = engine.generate(prefix + random_tokens(rng, SUFFIX_LEN, vocab), max_tokens=1, namespace=ns)
+                hit = engine.generate(prefix + random_tokens(rng, SUFFIX_LEN, vocab), max_tokens=1, namespace=ns)
                 row = {"dtype": dtype, "prefix_len": n, "prompt_len": n + SUFFIX_LEN,
                        "cold_ttft_s": cold.timings.ttft_s, "hit_ttft_s": hit.timings.ttft_s,
                        "hit_cached_tokens": hit.usage.cached_tokens,
                        "speedup": cold.timings.ttft_s / hit.timings.ttft_s}
                 if hf is not None:
-                    row["transformers_ttft_s"] = _hf_ttft(hf, prefix + _random_tokens(rng, SUFFIX_LEN, vocab))
+                    row["transformers_ttft_s"] = _hf_ttft(hf, prefix + random_tokens(rng, SUFFIX_LEN, vocab))
                 res.ttft.append(row)
                 log(f"[ttft {dtype}] prefix {n}: cold {row['cold_ttft_s']:.3f}s, hit {row['hit_ttft_s']:.3f}s "
                     f"({row['speedup']:.1f}x), cached {hit.usage.cached_tokens}"
@@ -108,12 +108,12 @@ def run(prefix_lens: Sequence[int] = (512, 2048, 8192), throughput_lens: Sequenc
             ours_p, ours_d, hf_p, hf_d = [], [], [], []
             for _ in range(repeats):
                 ns = f"tp-{rng.random()}"
-                ours_p.append(n / engine.generate(_random_tokens(rng, n, vocab), max_tokens=1,
+                ours_p.append(n / engine.generate(random_tokens(rng, n, vocab), max_tokens=1,
                                                   namespace=ns).timings.ttft_s)
-                ours_d.append(_ours_decode_tps(engine, _random_tokens(rng, n, vocab), decode_tokens, ns))
+                ours_d.append(_ours_decode_tps(engine, random_tokens(rng, n, vocab), decode_tokens, ns))
                 if hf is not None:
-                    hf_p.append(n / _hf_ttft(hf, _random_tokens(rng, n, vocab)))
-                    hf_d.append(_hf_decode_tps(hf, _random_tokens(rng, n, vocab), decode_tokens))
+                    hf_p.append(n / _hf_ttft(hf, random_tokens(rng, n, vocab)))
+                    hf_d.append(_hf_decode_tps(hf, random_tokens(rng, n, vocab), decode_tokens))
             row = {"dtype": dtype, "prompt_len": n, "repeats": repeats, "prefill_tps": statistics.median(ours_p),
                    "decode_tps": statistics.median(ours_d)}
             if hf is not None:
@@ -128,8 +128,8 @@ def run(prefix_lens: Sequence[int] = (512, 2048, 8192), throughput_lens: Sequenc
             on_times, off_times = [], []
             n = throughput_lens[-1]
             for _ in range(5):
-                on_times.append(engine.generate(_random_tokens(rng, n, vocab), max_tokens=1).timings.ttft_s)
-                off_times.append(off.generate(_random_tokens(rng, n, vocab), max_tokens=1).timings.ttft_s)
+                on_times.append(engine.generate(random_tokens(rng, n, vocab), max_tokens=1).timings.ttft_s)
+                off_times.append(off.generate(random_tokens(rng, n, vocab), max_tokens=1).timings.ttft_s)
             on, offm = statistics.median(on_times), statistics.median(off_times)
             res.overhead = {"dtype": dtype, "prompt_len": n, "caching_on_ttft_s": on, "caching_off_ttft_s": offm,
                             "slowdown_pct": 100.0 * (on / offm - 1.0)}

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from promptstash.bench.prefix import random_tokens
 from promptstash.config import EngineConfig
 from promptstash.engine.engine import Engine
 
@@ -33,10 +34,6 @@ class TierResults:
     setup: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     bytes_per_token: dict[str, float] = field(default_factory=dict)
-
-
-def _tokens(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(100, 150000) for _ in range(n)]
 
 
 class _Redis:
@@ -100,24 +97,29 @@ def run(prefix_lens=(2048, 8192), model: str | None = None, dtype: str = "auto",
         "date": time.strftime("%Y-%m-%d"),
     })
     rng = random.Random(seed)
+    vocab = base.model.config.vocab_size
+
+    def suffix() -> list[int]:  # a fresh suffix per request: only the prefix can be reused
+        return random_tokens(rng, SUFFIX_LEN, vocab)
+
     try:
-        base.generate(_tokens(rng, 64), max_tokens=1)  # warm-up
+        base.generate(random_tokens(rng, 64, vocab), max_tokens=1)  # warm-up
         for n in prefix_lens:
-            prefix = _tokens(rng, n)
+            prefix = random_tokens(rng, n, vocab)
             block_full = n // base.cache.block_size * base.cache.block_size
             row: dict[str, Any] = {"prefix_len": n}
             writer = engine(kv_disk_dir=str(work / f"disk{n}"), redis_url=redis_url)
-            row["cold_s"], _ = _ttft(writer, prefix + _tokens(rng, SUFFIX_LEN))
-            row["pool_s"], row["pool_cached"] = _ttft(writer, prefix + _tokens(rng, SUFFIX_LEN), block_full)
+            row["cold_s"], _ = _ttft(writer, prefix + suffix())
+            row["pool_s"], row["pool_cached"] = _ttft(writer, prefix + suffix(), block_full)
             writer.close()  # flush queued tier writes
             disk = engine(kv_disk_dir=str(work / f"disk{n}"))
-            row["disk_s"], row["disk_cached"] = _ttft(disk, prefix + _tokens(rng, SUFFIX_LEN), block_full)
+            row["disk_s"], row["disk_cached"] = _ttft(disk, prefix + suffix(), block_full)
             disk_stats = disk.kv_store.chain.stats()[0]
             res.bytes_per_token["disk"] = disk_stats.num_bytes / (disk_stats.num_entries * base.cache.block_size)
             disk.close()
             if redis_url is not None:
                 remote = engine(redis_url=redis_url)
-                row["redis_s"], row["redis_cached"] = _ttft(remote, prefix + _tokens(rng, SUFFIX_LEN), block_full)
+                row["redis_s"], row["redis_cached"] = _ttft(remote, prefix + suffix(), block_full)
                 remote.close()
                 res.bytes_per_token["redis"] = res.bytes_per_token["disk"]  # the same entries
             for tier in ("pool", "disk", "redis"):

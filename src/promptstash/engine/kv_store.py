@@ -38,8 +38,6 @@ class KVStore:
                               dtype=str(self.storage_dtype).removeprefix("torch."), num_tokens=kv.block_size)
         self._reader = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="promptstash-tier-reader")
         self.num_corrupt = 0
-        self.num_loaded = 0
-        self.load_seconds = 0.0
         self.loaded_by_tier: dict[str, int] = {}
 
     def _slots(self, block_id: int) -> slice:
@@ -64,7 +62,6 @@ class KVStore:
         return self.chain.num_leading(block_hashes)
 
     def load(self, items: Sequence[tuple[bytes, int]]) -> int:
-        start = time.perf_counter()
         # NOTE: up to PREFETCH entries are being read (by the reader threads) while one is verified and copied
         pending = deque(self._reader.submit(self._fetch, h) for h, _ in items[:PREFETCH])
         num = 0
@@ -83,8 +80,6 @@ class KVStore:
             num += 1
         for future in pending:
             future.cancel()
-        self.num_loaded += num
-        self.load_seconds += time.perf_counter() - start
         return num
 
     def _fetch(self, block_hash: bytes) -> tuple[torch.Tensor, str] | None:

@@ -7,7 +7,7 @@ NOTE: every counter is fed from the same usage object that the response carries,
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -86,7 +86,7 @@ class ServerStats:
     def snapshot(self) -> dict[str, Any]:
         """The /v1/cache/stats document."""
         with self._lock:
-            tot = Totals(**{**self.totals.__dict__, "cache_write_tokens": dict(self.totals.cache_write_tokens)})
+            tot = replace(self.totals, cache_write_tokens=dict(self.totals.cache_write_tokens))
         cache = self.engine.stats().cache
         p = self.prices
         uncached = tot.prompt_tokens - tot.cached_tokens

@@ -30,9 +30,6 @@ class TierChain:
                                          name="promptstash-tier-sweeper", daemon=True)
         self._sweeper.start()
 
-    def contains(self, block_hash: bytes) -> bool:
-        return any(t.contains(block_hash) for t in self.tiers)
-
     def num_leading(self, block_hashes: list[bytes]) -> int:
         """How many leading blocks of the list some tier holds (one round trip per tier where possible)."""
         present = [False] * len(block_hashes)
