@@ -128,6 +128,30 @@ tier.put(bytes(16), b"PSKV" + b"x" * 100, None)
     assert not tier.contains(bytes(16)) and not list(tmp_path.rglob("*.tmp"))  # ... and cleaned, never read
 
 
+def test_disk_tier_files_are_created_0600_and_directories_0700(tmp_path) -> None:
+    """KV entries are users' prompts: under a permissive umask (022) they must still not be group/world readable."""
+    old_umask = os.umask(0o022)
+    try:
+        root = tmp_path / "kv"
+        tier = DiskTier(root, 1 << 20)
+        entry = encode(H, META, payload(), None)
+        assert tier.put(H, entry, None) and tier.put(b"\xab" * 16, entry, None)
+        files = list(root.rglob("*.kv"))
+        dirs = [root, root / "v1", *[d for d in (root / "v1").iterdir() if d.is_dir()]]
+        assert len(files) == 2 and len(dirs) == 4  # root, v1/ and two 2-hex-digit subdirectories
+        assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}
+        assert {str(d): d.stat().st_mode & 0o777 for d in dirs} == {str(d): 0o700 for d in dirs}
+        # a cache root the user already made keeps its mode; what the tier creates inside it is private
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o755)
+        assert DiskTier(shared, 1 << 20).put(H, entry, None)
+        assert shared.stat().st_mode & 0o777 == 0o755
+        assert (shared / "v1").stat().st_mode & 0o777 == 0o700
+        assert all(f.stat().st_mode & 0o777 == 0o600 for f in shared.rglob("*.kv"))
+    finally:
+        os.umask(old_umask)
+
+
 # -- reuse through the tiers ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def weights():

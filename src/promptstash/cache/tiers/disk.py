@@ -4,6 +4,8 @@
 
 NOTE: a file is only ever seen under its final name complete (temp file + rename), and every entry
 carries a checksum, so a process killed mid-write leaves at most a stray .tmp file (removed at start).
+Entries hold the attention state of users' prompts: files are created 0600 and the directories this tier
+creates (the cache root when missing, v1/ and the subdirectories) 0700, whatever the process umask.
 """
 
 from __future__ import annotations
@@ -20,6 +22,28 @@ from promptstash.cache.tiers.entry import CorruptEntryError, read_header
 
 log = logging.getLogger("promptstash.tiers")
 
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _private_dir(path: Path, tighten_existing: bool = True) -> None:
+    """Create `path` 0700 (mkdir's mode is masked by the umask, hence the chmod). An existing directory is
+    tightened only when it is ours (v1/ and below), never a cache root the user pointed at."""
+    try:
+        path.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        if not tighten_existing:
+            return
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _private_dir(path, tighten_existing)
+        return
+    if (path.stat().st_mode & 0o777) != DIR_MODE:
+        os.chmod(path, DIR_MODE)
+
 
 class DiskTier:
     name = "disk"
@@ -34,7 +58,8 @@ class DiskTier:
         self._stats = TierStats(self.name)
         self._warned = False
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            _private_dir(self.root.parent, tighten_existing=False)
+            _private_dir(self.root)
             self._scan()
         except OSError as exc:
             self._warn(f"disk cache {self.root} is unusable: {exc}")
@@ -143,8 +168,12 @@ class DiskTier:
         path = self._path(block_hash)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as fh:
+            if not path.parent.is_dir():
+                _private_dir(path.parent)
+            fd = os.open(tmp, _OPEN_FLAGS, FILE_MODE)
+            with os.fdopen(fd, "wb") as fh:
+                if (os.fstat(fd).st_mode & 0o777) != FILE_MODE:  # a leftover temp file, or an odd umask
+                    os.fchmod(fd, FILE_MODE)
                 fh.write(entry)
             os.replace(tmp, path)
         except OSError as exc:  # disk full, read-only or removed directory
