@@ -55,7 +55,8 @@ def test_a_prefix_computed_by_one_engine_is_loaded_from_redis_by_another_exactly
     first.close()
     second = redis_engine(weights, redis_server.url)
     logits = second.prompt_logits(PROMPT)
-    assert logits.num_cached_tokens == 288 and second.kv_store.loaded_by_tier == {"redis": 18}
+    assert logits.num_cached_tokens == 288
+    assert {t.name: t.num_loaded_blocks for t in second.stats().tiers} == {"redis": 18}
     torch.testing.assert_close(logits.logits, reference(weights, PROMPT)[288:], atol=1e-4, rtol=0)
     second.check_integrity()
     second.close()
@@ -67,7 +68,7 @@ def test_tenants_never_load_each_others_blocks_from_redis(weights, redis_server)
     a.close()
     b = redis_engine(weights, redis_server.url)
     assert b.generate(PROMPT, max_tokens=1, namespace="tenant=b").usage.cached_tokens == 0
-    assert b.kv_store.loaded_by_tier == {}
+    assert all(t.num_loaded_blocks == 0 for t in b.stats().tiers)
     b.close()
 
 
@@ -90,9 +91,9 @@ def test_damaged_redis_entry_is_deleted_and_recomputed_exactly(weights, redis_se
     raw.set(key, bytes(data))
     second = redis_engine(weights, redis_server.url)
     logits = second.prompt_logits(PROMPT)
-    assert logits.num_cached_tokens == 3 * 16 and second.kv_store.num_corrupt == 1
+    assert logits.num_cached_tokens == 3 * 16 and second.stats().tiers[0].num_corrupt == 1
     torch.testing.assert_close(logits.logits, reference(weights, PROMPT)[48:], atol=1e-4, rtol=0)
-    second.kv_store.chain.flush()
+    second.flush_tiers()
     assert raw.get(key) != bytes(data)  # the damaged entry was deleted (and the recomputed block rewritten)
     second.close()
 
@@ -100,10 +101,10 @@ def test_damaged_redis_entry_is_deleted_and_recomputed_exactly(weights, redis_se
 def test_unreachable_redis_at_start_costs_nothing_but_a_counted_failure(weights, tmp_path) -> None:
     engine = redis_engine(weights, "redis://127.0.0.1:1/0", disk_dir=tmp_path)  # nothing listens on port 1
     out = engine.generate(PROMPT, max_tokens=4)
-    engine.kv_store.chain.flush()
+    engine.flush_tiers()
     again = engine.generate(PROMPT, max_tokens=4)
     assert again.token_ids == out.token_ids and again.usage.cached_tokens == 288
-    redis_stats = next(t for t in engine.kv_store.chain.stats() if t.name == "redis")
+    redis_stats = next(t for t in engine.stats().tiers if t.name == "redis")
     assert redis_stats.num_failed_writes + redis_stats.num_failed_reads >= 1
     engine.close()
 
@@ -114,9 +115,9 @@ def test_redis_going_away_mid_run_keeps_requests_succeeding_and_it_reconnects(we
     redis_server.stop()
     other = [(i * 13 + 5) % 256 for i in range(200)]
     out = engine.generate(other, max_tokens=2)  # written through to disk; Redis writes fail softly
-    engine.kv_store.chain.flush()
+    engine.flush_tiers()
     assert out.usage.completion_tokens == 2
-    redis_stats = next(t for t in engine.kv_store.chain.stats() if t.name == "redis")
+    redis_stats = next(t for t in engine.stats().tiers if t.name == "redis")
     assert redis_stats.num_failed_writes >= 1
     redis_tier = next(t for t in engine.kv_store.chain.tiers if t.name == "redis")
     redis_tier.retry_interval_s = 0.2  # (5 s by default)
@@ -126,7 +127,7 @@ def test_redis_going_away_mid_run_keeps_requests_succeeding_and_it_reconnects(we
     while True:  # the tier retries after its back-off and reaches the restarted server
         attempt += 1
         engine.generate([attempt % 256] + [(i * 17 + 9) % 256 for i in range(64)], max_tokens=1)  # new blocks
-        engine.kv_store.chain.flush()
+        engine.flush_tiers()
         if redis.Redis.from_url(redis_server.url).dbsize() > 0:
             break
         assert time.monotonic() < deadline, "the Redis tier did not reconnect"
@@ -135,6 +136,7 @@ def test_redis_going_away_mid_run_keeps_requests_succeeding_and_it_reconnects(we
     engine.close()
 
 
+@pytest.mark.slow  # two server subprocesses
 def test_two_server_processes_share_prefixes_through_redis(model_dir, redis_server, tmp_path) -> None:
     one = ServerProcess(model_dir, tmp_path / "kv1", "--redis-url", redis_server.url)
     two = ServerProcess(model_dir, tmp_path / "kv2", "--redis-url", redis_server.url)

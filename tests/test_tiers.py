@@ -174,7 +174,7 @@ def test_restart_serves_the_prefix_from_disk_with_exact_logits(weights, tmp_path
     second = tiered_engine(weights, tmp_path)  # a new process would see the same files
     warm = second.prompt_logits(PROMPT + [5, 6, 7])
     assert warm.num_cached_tokens == 288  # 18 full blocks of 16, all from disk
-    assert second.kv_store.loaded_by_tier == {"disk": 18}
+    assert {t.name: t.num_loaded_blocks for t in second.stats().tiers} == {"disk": 18}
     ref = tiered_engine(weights, tmp_path / "empty", enable_prefix_caching=False).prompt_logits(PROMPT + [5, 6, 7])
     torch.testing.assert_close(warm.logits, ref.logits[288:], atol=1e-4, rtol=0)
     assert cold.num_cached_tokens == 0
@@ -189,7 +189,7 @@ def test_restart_serves_the_prefix_from_disk_with_exact_logits(weights, tmp_path
 def test_evicted_blocks_come_back_from_disk(weights, tmp_path) -> None:
     engine = tiered_engine(weights, tmp_path, kv_cache_tokens=512)  # 32 blocks: the prompt is 18
     engine.generate(PROMPT, max_tokens=1)
-    engine.kv_store.chain.flush()
+    engine.flush_tiers()
     engine.generate([(i * 11 + 1) % 256 for i in range(480)], max_tokens=1)  # evicts PROMPT's blocks
     assert engine.stats().cache.num_evictions > 0
     again = engine.generate(PROMPT, max_tokens=1)
@@ -226,9 +226,9 @@ def test_damaged_disk_entry_is_deleted_and_recomputed_exactly(weights, tmp_path,
     # blocks before the damaged one are loaded; the damaged one and all after are recomputed
     assert logits.num_cached_tokens == 5 * 16
     # caught when read (checksum, header fields), or already at start-up when the header is unreadable
-    assert second.kv_store.num_corrupt + second.kv_store.chain.stats()[0].num_corrupt == 1
+    assert second.stats().tiers[0].num_corrupt == 1
     torch.testing.assert_close(logits.logits, ref.logits[logits.num_cached_tokens:], atol=1e-4, rtol=0)
-    second.kv_store.chain.flush()
+    second.flush_tiers()
     assert not victim.exists() or victim.read_bytes() != bytes(data)  # deleted (then rewritten when recomputed)
     second.check_integrity()
 
@@ -239,7 +239,7 @@ def test_tenants_never_load_each_others_blocks_from_disk(weights, tmp_path) -> N
     a.close()
     b = tiered_engine(weights, tmp_path)
     assert b.generate(PROMPT, max_tokens=1, namespace="tenant=b").usage.cached_tokens == 0
-    assert b.kv_store.loaded_by_tier == {}
+    assert all(t.num_loaded_blocks == 0 for t in b.stats().tiers)
     assert b.generate(PROMPT, max_tokens=1, namespace="tenant=a").usage.cached_tokens == 288
 
 

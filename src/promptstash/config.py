@@ -41,6 +41,7 @@ class EngineConfig:
     num_blocks: int | None = None  # KV pool size in blocks; None = kv_cache_tokens / block_size
     kv_cache_tokens: int = 32768
     max_num_seqs: int = 16  # requests running at once
+    tenant_max_running: int = 0  # requests of one tenant running at once (0 = no limit)
     max_prefill_tokens: int = 512  # prefill tokens per step (chunk size)
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None = the model's context window
@@ -62,6 +63,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.tenant_max_running, int) or self.tenant_max_running < 0:
+            raise InvalidRequestError(f"tenant_max_running must be an integer >= 0, got {self.tenant_max_running!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise InvalidRequestError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.kv_storage_dtype != "auto" and self.kv_storage_dtype not in DTYPES:
@@ -121,14 +124,36 @@ class ServerConfig:
     port: int = 8000
     served_model_name: str | None = None  # name in /v1/models; None = derived from the model id
     api_keys: dict[str, str] | None = None  # API key -> tenant; None or empty = one local tenant, no auth
+    admin_keys: tuple[str, ...] = ()  # see every tenant's figures and the pool / tiers; tenant "admin" on routes
+    metrics_key: str | None = None  # /metrics with every figure (a Prometheus scraper); no other route
+    metrics_port: int | None = None  # a second listener on `host` serving /metrics alone, all figures, no key
     min_cacheable_tokens: int = 1024  # shorter cache_control prefixes write nothing (no error)
     max_queued_requests: int = 256  # unfinished requests beyond this are refused (429 / 529)
+    tenant_max_queued: int = 0  # unfinished requests per tenant beyond this are refused (429 / 529); 0 = off
+    stream_idle_timeout_s: float = 30.0  # a stream whose client reads nothing this long is aborted; 0 = off
     max_body_bytes: int = 32 * 1024 * 1024
     default_max_tokens: int = 1024  # OpenAI routes, when the request gives none
     prices: PriceSheet = PriceSheet()
 
     def __post_init__(self) -> None:
-        for name in ("min_cacheable_tokens", "max_queued_requests", "max_body_bytes", "default_max_tokens"):
+        for name in ("min_cacheable_tokens", "max_queued_requests", "max_body_bytes", "default_max_tokens",
+                     "tenant_max_queued"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise InvalidRequestError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.stream_idle_timeout_s, int | float) or not self.stream_idle_timeout_s >= 0:
+            raise InvalidRequestError(f"stream_idle_timeout_s must be >= 0, got {self.stream_idle_timeout_s!r}")
+        if self.metrics_port is not None and not (isinstance(self.metrics_port, int) and 0 < self.metrics_port
+                                                  < 65536 and self.metrics_port != self.port):
+            raise InvalidRequestError(f"metrics_port must be a TCP port other than port ({self.port}), "
+                                      f"got {self.metrics_port!r}")
+        object.__setattr__(self, "admin_keys", tuple(self.admin_keys))
+        tenant_keys = set(self.api_keys or {})
+        if any(not k for k in (*tenant_keys, *self.admin_keys)) or self.metrics_key == "":
+            raise InvalidRequestError("API keys must not be empty")
+        if "admin" in (self.api_keys or {}).values():
+            raise InvalidRequestError("tenant name 'admin' is reserved for admin keys")
+        if len(set(self.admin_keys)) != len(self.admin_keys) or tenant_keys & set(self.admin_keys):
+            raise InvalidRequestError("an admin key is listed twice, or is also a tenant's API key")
+        if self.metrics_key is not None and self.metrics_key in tenant_keys | set(self.admin_keys):
+            raise InvalidRequestError("the metrics key must differ from every tenant and admin key")

@@ -114,7 +114,7 @@ def run(prefix_lens=(2048, 8192), model: str | None = None, dtype: str = "auto",
             writer.close()  # flush queued tier writes
             disk = engine(kv_disk_dir=str(work / f"disk{n}"))
             row["disk_s"], row["disk_cached"] = _ttft(disk, prefix + suffix(), block_full)
-            disk_stats = disk.kv_store.chain.stats()[0]
+            disk_stats = disk.stats().tiers[0]
             res.bytes_per_token["disk"] = disk_stats.num_bytes / (disk_stats.num_entries * base.cache.block_size)
             disk.close()
             if redis_url is not None:

@@ -1,4 +1,7 @@
-"""The only cache API the scheduler uses: prefix matching, block tables, publishing and release.
+"""The one cache API of the engine: prefix matching, block tables, publishing, TTL protection and release.
+
+    scheduler:  open, extend_match, waits_for_other, allocate, close
+    engine:     block_table, commit, protect, plan_load / reserve_load / finish_load, locate, stats
 
 A sequence's block table covers the tokens whose K/V are (or are about to be) in the pool:
 
@@ -19,28 +22,20 @@ from typing import Protocol
 from promptstash.cache.block_pool import Block, BlockPool, PoolUsage
 from promptstash.cache.hashing import extend_hashes, root_hash
 from promptstash.cache.prefix_index import PrefixIndex
+from promptstash.cache.ttl import TTL_SECONDS
 
-# TTL classes of explicit cache writes (Anthropic cache_control ttl, OpenAI prompt_cache_retention="24h").
-TTL_SECONDS: dict[str, float] = {"5m": 300.0, "1h": 3600.0, "24h": 86400.0}
+__all__ = ["TTL_SECONDS", "BlockStore", "CacheManager", "CacheStats", "LoadPlan", "LoadReservation",
+           "PrefixLocation", "ProtectResult"]
 
 
 class BlockStore(Protocol):
-    """Where the manager keeps blocks beyond the pool (the tier chain, through the engine's KV copier).
+    """Where published blocks are written through to (the tiers, via cache.tiers.store.KVStore).
 
     The manager hands it pool block ids and block hashes only; the store moves the K/V bytes.
     """
 
     def save(self, block_id: int, block_hash: bytes, ttl_class: str | None) -> None:
         """Snapshot a published block now and write it to the tiers later (off the critical path)."""
-        ...
-
-    def num_leading(self, block_hashes: list[bytes]) -> int:
-        """How many leading blocks of the list the tiers hold (may be stale: load() can still stop early)."""
-        ...
-
-    def load(self, items: Sequence[tuple[bytes, int]]) -> int:
-        """Fill pool blocks from the tiers, in order: (block hash, block id) pairs. Returns how many
-        leading items were loaded; it stops at the first miss or damaged entry (which it deletes)."""
         ...
 
 
@@ -53,6 +48,32 @@ class CacheStats:
     num_refused_writes: int  # protect() calls refused because protected blocks would exceed the cap
     num_forced_expiries: int  # protections ended early because a request could not fit otherwise
     num_loaded_blocks: int = 0  # blocks loaded back from the tiers (hits beyond the pool)
+    block_size: int = 0
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Blocks of a prompt that miss the pool and might be in a tier: hashes[start:] (start = pool match)."""
+
+    hashes: tuple[bytes, ...]
+    start: int
+
+
+@dataclass(frozen=True)
+class LoadReservation:
+    """Pool blocks reserved (referenced, unpublished) for entries to load: (block hash, block id) pairs."""
+
+    load_id: int
+    items: tuple[tuple[bytes, int], ...]
+
+
+@dataclass(frozen=True)
+class PrefixLocation:
+    """Where a prefix's last full block is: "pool" or None (then it may be in a tier: block_hash)."""
+
+    where: str | None
+    ttl_class: str | None
+    block_hash: bytes | None
 
 
 @dataclass(frozen=True)
@@ -85,7 +106,8 @@ class CacheManager:
                  store: BlockStore | None = None) -> None:
         """clock: seconds (monotonic) for TTLs; ttl_seconds overrides TTL_SECONDS (tests use short ones);
         max_protected_blocks caps blocks held by TTL protection (default: half the pool); store, if given,
-        receives every published block (write-through) and serves prefixes that miss the pool."""
+        receives every published block (write-through); loading blocks back is plan_load / reserve_load /
+        finish_load, driven by the engine so that no tier I/O happens here."""
         self.block_size = block_size
         self.model_id = model_id
         self.kv_layout = kv_layout
@@ -106,6 +128,8 @@ class CacheManager:
         self._num_forced_expiries = 0
         self.store = store
         self._num_loaded = 0
+        self._loads: dict[int, list[int]] = {}  # reservation id -> reserved blocks (one reference each)
+        self._next_load_id = 0
 
     def _on_evict(self, block: Block) -> None:
         assert block.block_hash is not None
@@ -119,6 +143,7 @@ class CacheManager:
         """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already open")
+        self.expire()
         seq = _Seq(root=root_hash(self.model_id, self.kv_layout, namespace))
         extend_hashes(seq.hashes, seq.root, token_ids, self.block_size)
         self._seqs[seq_id] = seq
@@ -144,35 +169,11 @@ class CacheManager:
                 if (pin := self._pins.get(block_id)) is not None:  # a hit refreshes the TTL
                     pin.expires_at = self.clock() + self.ttl_seconds[pin.ttl_class]
                 seq.block_ids.append(block_id)
-            if self.store is not None:
-                self._load_from_store(seq, max_blocks)
             for h in seq.hashes[seq.num_published:len(seq.block_ids)]:
                 if self._pending.get(h) == seq_id:
                     del self._pending[h]
             seq.num_published = len(seq.block_ids)
         return seq.num_published * self.block_size
-
-    def _load_from_store(self, seq: _Seq, max_blocks: int) -> None:
-        """Extend a pool match with blocks from the tiers: allocate, load, publish."""
-        start = len(seq.block_ids)
-        end = start
-        while end < max_blocks and self.index.get(seq.hashes[end]) is None:
-            end += 1
-        end = start + self.store.num_leading(seq.hashes[start:end]) if end > start else start
-        if end == start:
-            return
-        block_ids = self.pool.allocate(end - start)
-        if block_ids is None:
-            return
-        items = list(zip(seq.hashes[start:end], block_ids, strict=True))
-        num_loaded = self.store.load(items)
-        for h, block_id in items[:num_loaded]:
-            self.index.insert(h, block_id)
-            self.pool.set_hash(block_id, h)
-            seq.block_ids.append(block_id)
-        self.pool.release(reversed(block_ids[num_loaded:]))  # unhashed: back to the free list
-        self._num_loaded += num_loaded
-        self._num_published += num_loaded
 
     def waits_for_other(self, seq_id: str, num_computed: int) -> bool:
         """True if the next block this sequence would compute is being computed by another sequence."""
@@ -182,12 +183,19 @@ class CacheManager:
         j = num_computed // self.block_size
         return j < len(seq.hashes) and self._pending.get(seq.hashes[j], seq_id) != seq_id
 
-    def allocate(self, seq_id: str, num_tokens: int) -> bool:
-        """Make the block table cover num_tokens tokens. False (nothing changed) if the pool is short."""
+    def allocate(self, seq_id: str, num_tokens: int, *, last_resort: bool = False) -> bool:
+        """Make the block table cover num_tokens tokens. False (nothing changed) if the pool is short.
+
+        last_resort: the caller has nothing else that could free blocks, so TTL protections closest to
+        expiry end (force_expire) rather than leave this sequence waiting forever.
+        """
         seq = self._seqs[seq_id]
         need = -(-num_tokens // self.block_size) - len(seq.block_ids)
         if need <= 0:
             return True
+        self.expire()
+        if last_resort and self.pool.num_available < need:
+            self.force_expire(need)
         new = self.pool.allocate(need)
         if new is None:
             return False
@@ -287,19 +295,76 @@ class CacheManager:
         self._num_forced_expiries += ended
         return ended
 
-    def locate(self, token_ids: Sequence[int], namespace: str) -> tuple[str | None, str | None]:
-        """(where the prefix's last full block is: "pool" / a tier name / None, its TTL class or None)."""
+    def locate(self, token_ids: Sequence[int], namespace: str) -> PrefixLocation:
+        """Where the prefix's last full block is now, and its TTL class if protected. Never touches a tier."""
         hashes: list[bytes] = []
         extend_hashes(hashes, root_hash(self.model_id, self.kv_layout, namespace), token_ids, self.block_size)
         if not hashes:
-            return None, None
+            return PrefixLocation(None, None, None)
         block_id = self.index.get(hashes[-1])
         if block_id is not None:
             pin = self._pins.get(block_id)
-            return "pool", None if pin is None else pin.ttl_class
-        if self.store is not None and self.store.num_leading(hashes[-1:]):
-            return "tier", None
-        return None, None
+            return PrefixLocation("pool", None if pin is None else pin.ttl_class, hashes[-1])
+        return PrefixLocation(None, None, hashes[-1])
+
+    # -- loads from the tiers --------------------------------------------------------------------
+    # NOTE: the engine calls plan_load and reserve_load under its lock, reads the tiers into the reserved
+    # blocks without it, then calls finish_load under the lock again. Reserved blocks are referenced and
+    # unpublished: nothing can match, evict or reuse them meanwhile.
+    def plan_load(self, token_ids: Sequence[int], namespace: str) -> LoadPlan | None:
+        """The blocks of a prompt beyond its pool match (up to prompt_len - 1 tokens); None if there are none."""
+        if not self.enable_prefix_caching:
+            return None
+        hashes: list[bytes] = []
+        extend_hashes(hashes, root_hash(self.model_id, self.kv_layout, namespace), token_ids, self.block_size)
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        start = len(self.index.longest_prefix(hashes, 0, max_blocks))
+        return LoadPlan(tuple(hashes[:max_blocks]), start) if start < max_blocks else None
+
+    def reserve_load(self, plan: LoadPlan, num_blocks: int) -> LoadReservation | None:
+        """Reserve pool blocks for the next num_blocks blocks of a plan that are still not in the pool.
+
+        The plan's pool prefix is held too (so making room cannot evict it). None if the prefix has left
+        the pool, there is nothing left to load, or the pool cannot spare the blocks now.
+        """
+        head = self.index.longest_prefix(plan.hashes, 0, plan.start)
+        if len(head) < plan.start:
+            return None
+        items = []
+        for h in plan.hashes[plan.start:plan.start + num_blocks]:
+            if self.index.get(h) is not None:
+                break
+            items.append(h)
+        if not items:
+            return None
+        self.expire()
+        for block_id in head:
+            self.pool.touch(block_id)
+        block_ids = self.pool.allocate(len(items))
+        if block_ids is None:
+            self.pool.release(reversed(head))
+            return None
+        load_id = self._next_load_id
+        self._next_load_id += 1
+        self._loads[load_id] = head + block_ids
+        return LoadReservation(load_id, tuple(zip(items, block_ids, strict=True)))
+
+    def finish_load(self, reservation: LoadReservation, num_loaded: int) -> int:
+        """Publish the first num_loaded reserved blocks (now filled) and release the reservation.
+
+        Loaded blocks become cached blocks, tail first in the LRU order; a block published meanwhile by a
+        request that computed it keeps its place and the loaded copy is freed. Returns blocks published.
+        """
+        block_ids = self._loads.pop(reservation.load_id)
+        num_published = 0
+        for h, block_id in reservation.items[:num_loaded]:
+            if self.index.insert(h, block_id):
+                self.pool.set_hash(block_id, h)
+                num_published += 1
+        self.pool.release(reversed(block_ids))
+        self._num_loaded += num_published
+        self._num_published += num_published
+        return num_published
 
     def protected_blocks(self) -> dict[str, int]:
         counts = dict.fromkeys(self.ttl_seconds, 0)
@@ -315,10 +380,14 @@ class CacheManager:
         """New blocks allocate(seq_id, num_tokens) would take."""
         return max(0, -(-num_tokens // self.block_size) - len(self._seqs[seq_id].block_ids))
 
+    @property
+    def num_pool_tokens(self) -> int:
+        return self.pool.num_blocks * self.block_size
+
     def stats(self) -> CacheStats:
         self.expire()
         return CacheStats(self.pool.num_evictions, self._num_published, self.pool.usage(), self.protected_blocks(),
-                          self._num_refused_writes, self._num_forced_expiries, self._num_loaded)
+                          self._num_refused_writes, self._num_forced_expiries, self._num_loaded, self.block_size)
 
     def check_integrity(self) -> None:
         """Raise AssertionError unless pool states, ref counts and the index agree."""
@@ -329,6 +398,9 @@ class CacheManager:
                 refs[block_id] += 1
         for block_id in self._pins:
             refs[block_id] += 1
+        for block_ids in self._loads.values():
+            for block_id in block_ids:
+                refs[block_id] += 1
         for block in self.pool.blocks:
             assert block.ref_count == refs[block.block_id], (
                 f"block {block.block_id}: ref_count {block.ref_count} but {refs[block.block_id]} holders"

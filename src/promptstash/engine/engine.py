@@ -1,68 +1,55 @@
-"""The engine: one step = schedule, run the model, sample, update requests.
+"""The engine: one step = schedule, run the model, post-process (commit, protect, sample, stop).
 
 Public contract (see ARCHITECTURE.md): `Engine.from_pretrained(model=None, **options)` and
 `engine.generate(prompt, **sampling) -> Completion`, where prompt is a string, token ids or chat messages.
+
+A request's life, and who moves it:
+
+    add_request ──> LOADING ──(loader thread: tier reads, off the lock)──> WAITING ──schedule──> RUNNING
+                    (only with tiers)                                          ^── preempt ──┘      │
+    abort, finish, or an error in its step ─────────────────────────────────────────> FINISHED <──┘
+
+NOTE: the engine counts a request as unfinished from add_request until it finishes, whatever its caller
+does; a finished request is forgotten at once, and its Completion goes to its last update (and, unless
+the request was added with detach=True, to completion()).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from dataclasses import replace as _replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from promptstash.cache.manager import CacheManager, CacheStats
+from promptstash.cache.tiers.base import TierStats
+from promptstash.cache.tiers.store import KVStore
 from promptstash.config import DTYPES, EngineConfig
-from promptstash.engine.kv_store import KVStore
-from promptstash.engine.request import Request, RequestStatus, RequestUpdate, StopChecker
-from promptstash.engine.runner import ModelRunner
+from promptstash.engine.request import Request, RequestStatus, StopChecker
+from promptstash.engine.results import DEFAULT_NAMESPACE, Completion, RequestUpdate, Timings, Usage
+from promptstash.engine.runner import ModelRunner, StepLogits
 from promptstash.engine.sampling import SamplingParams, make_generator, sample
-from promptstash.engine.scheduler import Scheduler
+from promptstash.engine.scheduler import ScheduledChunk, Scheduler
 from promptstash.errors import ContextLengthError, InvalidRequestError
 from promptstash.models.config import ModelConfig
 from promptstash.models.llama import KVCache, LlamaModel
 
+__all__ = ["DEFAULT_NAMESPACE", "Completion", "Engine", "EngineStats", "Prompt", "PromptLogits", "RequestUpdate",
+           "StepResult", "Timings", "Usage"]
+
+log = logging.getLogger("promptstash.engine")
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
-DEFAULT_NAMESPACE = "default"
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens whose K/V came from the cache
-    completion_tokens: int
-    # prompt tokens computed by this request and protected under a TTL class (its cache breakpoints)
-    cache_write_tokens: dict[str, int] = field(default_factory=dict)
-    cache_write_refused: bool = False  # breakpoints were asked for but protection would exceed the cap
-
-    @property
-    def num_cache_write_tokens(self) -> int:
-        return sum(self.cache_write_tokens.values())
-
-
-@dataclass(frozen=True)
-class Timings:
-    ttft_s: float  # arrival -> first output token (or end of prefill when max_tokens == 0)
-    total_s: float  # arrival -> finished
-
-
-@dataclass(frozen=True)
-class Completion:
-    request_id: str
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str
-    usage: Usage
-    timings: Timings
-    stop_sequence: str | None = None  # the stop string that ended generation, if one did
-    prompt_token_ids: tuple[int, ...] = ()
-    namespace: str = DEFAULT_NAMESPACE
 
 
 @dataclass(frozen=True)
@@ -75,6 +62,8 @@ class PromptLogits:
 
 @dataclass(frozen=True)
 class EngineStats:
+    """Every figure of the engine, its cache and its tiers (what metrics and the dashboard show)."""
+
     num_prompt_tokens: int  # prompt tokens of admitted requests
     num_cached_tokens: int  # of those, served from the cache
     num_computed_prompt_tokens: int  # prompt tokens actually run through the model (incl. recomputation)
@@ -82,10 +71,26 @@ class EngineStats:
     num_steps: int
     num_preemptions: int
     cache: CacheStats
+    num_waiting: int = 0  # requests now queued for the scheduler
+    num_loading: int = 0  # requests now waiting for their prefix to load from the tiers
+    num_running: int = 0  # requests now being computed
+    num_errors: int = 0  # requests finished with an error (a failed step, sampling or post-processing)
+    tiers: tuple[TierStats, ...] = ()  # per tier, in lookup order (disk, then Redis)
+    num_dropped_tier_writes: int = 0  # tier writes dropped because the write queue was full
 
     @property
     def hit_rate(self) -> float:
         return self.num_cached_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
+
+    @property
+    def num_unfinished(self) -> int:
+        return self.num_waiting + self.num_loading + self.num_running
+
+
+@dataclass(frozen=True)
+class StepResult:
+    updates: tuple[RequestUpdate, ...]
+    num_scheduled: int  # chunks computed; 0 = nothing could run (the caller may wait for work)
 
 
 class _NoTextDecoder:
@@ -113,19 +118,30 @@ class Engine:
         self.cache = CacheManager(num_blocks, block_size, model_id, kv_layout, config.enable_prefix_caching,
                                   clock=clock, max_protected_blocks=int(num_blocks * config.max_protected_fraction),
                                   store=self.kv_store)
-        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_prefill_tokens)
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_prefill_tokens,
+                                   config.tenant_max_running)
         self.runner = ModelRunner(model, self.kv)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ()) | frozenset(mcfg.eos_token_ids)
         if tokenizer is not None:  # end-of-text markers that some converted checkpoints leave out of eos_token_id
             marks = (tokenizer.token_to_id(t) for t in END_OF_TEXT_TOKENS)
             self.eos_token_ids |= {i for i in marks if i is not None}
-        self._requests: dict[str, Request] = {}
+        self._requests: dict[str, Request] = {}  # unfinished requests
+        self._results: dict[str, Completion] = {}  # finished, not detached, completion() not yet taken
         self._ids = itertools.count()
         self._lock = threading.RLock()
+        self._wake = threading.Event()  # set when there may be new work for step()
+        # NOTE: written under the lock, read without it (a plain int / dict read is atomic), so that the
+        # server's event loop can read them while a step holds the lock.
+        self._num_unfinished = 0
+        self._unfinished_by_tenant: Counter[str] = Counter()
+        self._num_loading = 0
         self._num_computed_prompt_tokens = 0
         self._num_generated_tokens = 0
         self._num_steps = 0
+        self._num_errors = 0
+        self._loader = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptstash-tier-loader")
+                        if self.kv_store is not None else None)
 
     def _make_store(self, model_id: str, kv_layout: str) -> KVStore | None:
         from promptstash.cache.tiers.chain import TierChain
@@ -145,8 +161,14 @@ class Engine:
         storage = None if config.kv_storage_dtype == "auto" else DTYPES[config.kv_storage_dtype]
         return KVStore(self.kv, TierChain(tiers), model_id, kv_layout, storage)
 
+    def flush_tiers(self, timeout_s: float = 30.0) -> bool:
+        """Wait until queued tier writes are done (True if in time, or there are no tiers)."""
+        return self.kv_store.flush(timeout_s) if self.kv_store is not None else True
+
     def close(self, flush_timeout_s: float = 30.0) -> None:
-        """Flush pending tier writes (bounded by flush_timeout_s) and close the tiers."""
+        """Stop loading, flush pending tier writes (bounded by flush_timeout_s) and close the tiers."""
+        if self._loader is not None:
+            self._loader.shutdown(wait=True, cancel_futures=True)
         if self.kv_store is not None:
             self.kv_store.close(flush_timeout_s)
 
@@ -168,16 +190,36 @@ class Engine:
         return cls(llama, Tokenizer.from_dir(resolved.path), config, resolved.model_id, resolved.path)
 
     # -- requests --------------------------------------------------------------------------------
+    @cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters beyond which a text prompt cannot fit the context window, whatever its tokens.
+
+        NOTE: no token covers more characters than the longest token of the vocabulary, so a text of more
+        than max_model_len * that many characters has more than max_model_len tokens. Checking this before
+        tokenizing bounds the work a hostile 30 MB prompt can cause.
+        """
+        longest = self.tokenizer.max_token_chars if self.tokenizer is not None else 1
+        return self.max_model_len * max(1, longest)
+
+    def check_prompt_chars(self, num_chars: int) -> None:
+        """Raise ContextLengthError if a text of num_chars characters cannot fit the context window."""
+        if num_chars > self.max_prompt_chars:
+            raise ContextLengthError(
+                f"prompt has {num_chars:,} characters; no text over {self.max_prompt_chars:,} characters fits "
+                f"the context window of {self.max_model_len} tokens")
+
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: a string (raw text), token ids, or chat messages (chat template)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
+            self.check_prompt_chars(len(prompt))
             return self._require_tokenizer().encode(prompt, add_special_tokens=True)
         items = list(prompt)
         if not items:
             raise InvalidRequestError("prompt is empty")
         if all(isinstance(t, dict) for t in items):
+            self.check_prompt_chars(sum(_text_chars(m.get("content")) for m in items))
             text = self._require_tokenizer().apply_chat_template(items, add_generation_prompt=True)
             return self._require_tokenizer().encode(text, add_special_tokens=False)
         if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
@@ -194,12 +236,16 @@ class Engine:
         return self.tokenizer
 
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None, *,
-                    namespace: str = DEFAULT_NAMESPACE, request_id: str | None = None,
+                    namespace: str = DEFAULT_NAMESPACE, tenant: str | None = None, request_id: str | None = None,
                     on_update: Callable[[RequestUpdate], None] | None = None,
-                    want_prompt_logits: bool = False,
+                    want_prompt_logits: bool = False, detach: bool = False,
                     cache_breakpoints: Sequence[tuple[int, str]] = ()) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError / ContextLengthError up front.
 
+        namespace: the cache namespace (part of every block hash); tenant: who the request counts against
+        for fair sharing (default: the namespace). on_update receives every update, on the engine thread;
+        it must be quick and must not call back into the engine. detach: the completion goes to the last
+        update only, and completion() will not know the request.
         cache_breakpoints: (prefix_len, ttl_class) pairs; once the prompt is computed, the full blocks of
         each prefix are protected from eviction for that TTL class (see CacheManager.protect).
         """
@@ -215,7 +261,7 @@ class Engine:
                 f"prompt ({prompt_len} tokens) + max_tokens ({sampling.max_tokens}) = "
                 f"{prompt_len + sampling.max_tokens} tokens exceeds the context window of {self.max_model_len} tokens"
             )
-        pool_tokens = self.cache.pool.num_blocks * self.cache.block_size
+        pool_tokens = self.cache.num_pool_tokens
         if prompt_len + sampling.max_tokens > pool_tokens:
             raise ContextLengthError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({sampling.max_tokens}) needs more KV than the "
@@ -224,45 +270,110 @@ class Engine:
         decoder = self.tokenizer.incremental_decoder() if self.tokenizer is not None else _NoTextDecoder()
         with self._lock:
             rid = request_id or f"req-{next(self._ids)}"
-            if rid in self._requests:
+            if rid in self._requests or rid in self._results:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")
             request = Request(
                 request_id=rid, prompt_token_ids=token_ids, sampling=sampling, namespace=namespace,
+                tenant=namespace if tenant is None else tenant,
                 stop_checker=StopChecker(decoder, sampling.stop),
                 eos_token_ids=frozenset() if sampling.ignore_eos else self.eos_token_ids,
                 generator=make_generator(sampling.seed, self.model.device),
-                on_update=on_update, want_prompt_logits=want_prompt_logits,
+                on_update=on_update, want_prompt_logits=want_prompt_logits, detach=detach,
                 cache_breakpoints=tuple((min(n, prompt_len), c) for n, c in cache_breakpoints),
             )
             self._requests[rid] = request
-            self.scheduler.add(request)
+            self._num_unfinished += 1
+            self._unfinished_by_tenant[request.tenant] += 1
+            if self._loader is not None:
+                request.status = RequestStatus.LOADING
+                self._num_loading += 1
+                self._loader.submit(self._load_from_tiers, request)
+            else:
+                self.scheduler.add(request)
+        self._wake.set()
         return rid
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and release its blocks (no-op if it already finished)."""
         with self._lock:
             request = self._requests.get(request_id)
-            if request is not None and not request.finished:
+            if request is not None:
                 self._finish(request, "abort")
 
     def has_unfinished(self) -> bool:
+        return self._num_unfinished > 0
+
+    def num_unfinished(self, tenant: str | None = None) -> int:
+        """Requests added and not yet finished (of one tenant, if given). Lock-free: cheap anywhere."""
+        return self._num_unfinished if tenant is None else self._unfinished_by_tenant.get(tenant, 0)
+
+    def unfinished_ids(self) -> set[str]:
         with self._lock:
-            return self.scheduler.has_unfinished()
+            return set(self._requests)
+
+    def wake(self) -> None:
+        """Make a wait_for_work() return now."""
+        self._wake.set()
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        """Block until a request is added, aborted or loaded (or timeout_s passes). For idle loops."""
+        self._wake.wait(timeout_s)
+        self._wake.clear()
+
+    # -- loading from the tiers (loader thread) --------------------------------------------------
+    def _load_from_tiers(self, request: Request) -> None:
+        """Read the tier blocks of a request's prefix into reserved pool blocks, then queue the request.
+
+        Only planning and publishing take the engine lock; existence checks, reads and verification run
+        without it, so running requests keep decoding while a long prefix loads.
+        """
+        assert self.kv_store is not None
+        try:
+            with self._lock:
+                plan = None if request.finished else self.cache.plan_load(request.token_ids, request.namespace)
+            if plan is not None:
+                num_present = self.kv_store.num_leading(list(plan.hashes[plan.start:]))
+                if num_present:
+                    with self._lock:
+                        reservation = None if request.finished else self.cache.reserve_load(plan, num_present)
+                    if reservation is not None:
+                        num_loaded = 0
+                        try:
+                            num_loaded = self.kv_store.load(reservation.items)
+                        finally:
+                            with self._lock:
+                                self.cache.finish_load(reservation, num_loaded)
+        except Exception:
+            log.exception("loading the prefix of request %s from the tiers failed; it will be computed",
+                          request.request_id)
+        finally:
+            with self._lock:
+                self._num_loading -= 1
+                if request.status is RequestStatus.LOADING:
+                    request.status = RequestStatus.WAITING
+                    self.scheduler.add(request)
+            self._wake.set()
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
         """Run one scheduling step; returns an update for every request that produced output or finished."""
+        return list(self.run_step().updates)
+
+    def run_step(self) -> StepResult:
+        """One step. A failure finishes the requests it concerns with finish_reason "error"; it never raises
+        for a request's sake and never leaves a request RUNNING without a way forward."""
         with self._lock:
             chunks = self.scheduler.schedule()
             if not chunks:
-                return []
+                return StepResult((), 0)
             tables = [list(self.cache.block_table(c.request.request_id)) for c in chunks]
             try:
                 out = self.runner.run(chunks, tables)
-            except Exception:
-                for chunk in chunks:  # keep the engine usable: the step's requests fail, nothing leaks
-                    self._finish(chunk.request, "error")
-                raise
+            except Exception as exc:  # keep the engine usable: the step's requests fail, nothing leaks
+                log.exception("model step failed; finishing its %d requests with an error", len(chunks))
+                updates = [self._finish(c.request, "error", error=_describe(exc, "the model step failed"))
+                           for c in chunks if not c.request.finished]
+                return StepResult(tuple(updates), len(chunks))
             self._num_steps += 1
             updates: list[RequestUpdate] = []
             now = time.perf_counter()
@@ -270,27 +381,33 @@ class Engine:
                 request = chunk.request
                 if request.status is not RequestStatus.RUNNING:
                     continue
-                self._num_computed_prompt_tokens += max(0, min(chunk.end, request.prompt_len) - chunk.start)
-                request.num_computed = chunk.end
-                self.cache.commit(request.request_id, request.token_ids, chunk.end)
-                if request.cache_breakpoints and request.cache_write is None and chunk.end >= request.prompt_len:
-                    request.cache_write = self.cache.protect(request.request_id, request.cache_breakpoints)
-                if request.want_prompt_logits:
-                    request.prompt_logits.append(out.logits[rows])
-                if chunk.end < len(request.token_ids):
-                    continue
-                update = self._advance(request, out.logits[rows.stop - 1], now)
+                try:
+                    update = self._post_process(chunk, out, rows, now)
+                except Exception as exc:
+                    log.exception("post-processing request %s failed; finishing it with an error", request.request_id)
+                    update = self._finish(request, "error", error=_describe(exc, "post-processing failed"))
                 if update is not None:
                     updates.append(update)
-            return updates
+            return StepResult(tuple(updates), len(chunks))
 
-    def _advance(self, request: Request, logits: torch.Tensor, now: float) -> RequestUpdate | None:
-        """Sample the next token of a request whose tokens are all computed."""
+    def _post_process(self, chunk: ScheduledChunk, out: StepLogits, rows: slice, now: float) -> RequestUpdate | None:
+        """Everything after the forward pass, for one request: commit its blocks, protect its breakpoints,
+        keep prompt logits, sample, check stops, and emit its update."""
+        request = chunk.request
+        self._num_computed_prompt_tokens += max(0, min(chunk.end, request.prompt_len) - chunk.start)
+        request.num_computed = chunk.end
+        self.cache.commit(request.request_id, request.token_ids, chunk.end)
+        if request.cache_breakpoints and request.cache_write is None and chunk.end >= request.prompt_len:
+            request.cache_write = self.cache.protect(request.request_id, request.cache_breakpoints)
+        if request.want_prompt_logits:
+            request.prompt_logits.append(out.logits[rows])
+        if chunk.end < len(request.token_ids):
+            return None  # more of the prompt to compute
         params = request.sampling
         if request.num_output_tokens >= params.max_tokens:  # max_tokens == 0: prefill only
             request.first_token_time = request.first_token_time or now
             return self._finish(request, "length")
-        token = sample(logits, params, request.generator)
+        token = sample(out.logits[rows.stop - 1], params, request.generator)
         request.token_ids.append(token)
         self._num_generated_tokens += 1
         if request.first_token_time is None:
@@ -304,34 +421,55 @@ class Engine:
             reason = "length"
         if reason is not None:
             return self._finish(request, reason, new_token=token)
-        update = RequestUpdate(request.request_id, (token,), request.stop_checker.take(final=False), False, None)
-        if request.on_update is not None:
-            request.on_update(update)
+        usage = None if request.sent_usage else self._usage(request)
+        request.sent_usage = True
+        update = RequestUpdate(request.request_id, (token,), request.stop_checker.take(final=False), False, None,
+                               usage=usage)
+        self._emit(request, update)
         return update
 
-    def _finish(self, request: Request, reason: str, new_token: int | None = None) -> RequestUpdate:
+    def _finish(self, request: Request, reason: str, new_token: int | None = None,
+                error: str | None = None) -> RequestUpdate:
+        """The one way a request ends: release its blocks, forget it, emit its last update."""
         self.scheduler.finish(request)
         request.finish_reason = reason
+        request.error = error
         request.finish_time = time.perf_counter()
+        del self._requests[request.request_id]
+        self._num_unfinished -= 1
+        self._unfinished_by_tenant[request.tenant] -= 1
+        if not self._unfinished_by_tenant[request.tenant]:
+            del self._unfinished_by_tenant[request.tenant]
+        if reason == "error":
+            self._num_errors += 1
         new_tokens = () if new_token is None else (new_token,)
-        request.stop_checker.flush()
-        update = RequestUpdate(request.request_id, new_tokens, request.stop_checker.take(final=True), True, reason)
-        if request.on_update is not None:
-            request.on_update(update)
+        try:
+            request.stop_checker.flush()
+        except Exception:  # a decoder that fails here must not keep the request alive
+            log.exception("flushing the text of request %s failed", request.request_id)
+        completion = self._completion(request)
+        if not request.detach:
+            self._results[request.request_id] = completion
+        update = RequestUpdate(request.request_id, new_tokens, request.stop_checker.take(final=True), True, reason,
+                               usage=completion.usage, completion=completion)
+        self._emit(request, update)
         return update
 
+    @staticmethod
+    def _emit(request: Request, update: RequestUpdate) -> None:
+        if request.on_update is None:
+            return
+        try:
+            request.on_update(update)
+        except Exception:  # e.g. the server's event loop has closed: the request goes on without a listener
+            log.exception("delivering an update of request %s failed", request.request_id)
+
     # -- results ---------------------------------------------------------------------------------
-    def completion(self, request_id: str) -> Completion:
-        """The result of a finished request (forgets the request)."""
-        with self._lock:
-            request = self._requests[request_id]
-            if not request.finished:
-                raise InvalidRequestError(f"request {request_id!r} has not finished")
-            del self._requests[request_id]
+    def _completion(self, request: Request) -> Completion:
         end = request.finish_time or time.perf_counter()
         first = request.first_token_time or end
         return Completion(
-            request_id=request_id,
+            request_id=request.request_id,
             text=request.stop_checker.text,
             token_ids=tuple(request.output_token_ids),
             finish_reason=request.finish_reason or "abort",
@@ -340,19 +478,30 @@ class Engine:
             stop_sequence=request.stop_checker.matched,
             prompt_token_ids=tuple(request.prompt_token_ids),
             namespace=request.namespace,
+            tenant=request.tenant,
+            error=request.error,
         )
+
+    def completion(self, request_id: str) -> Completion:
+        """The result of a finished request (forgets it). Not for detached requests."""
+        with self._lock:
+            if request_id in self._requests:
+                raise InvalidRequestError(f"request {request_id!r} has not finished")
+            try:
+                return self._results.pop(request_id)
+            except KeyError:
+                raise InvalidRequestError(f"no finished request {request_id!r}") from None
 
     def usage(self, request_id: str) -> Usage:
         """Usage of a request so far (cached tokens are known once it is admitted)."""
         with self._lock:
-            return self._usage(self._requests[request_id])
-
-    def num_unfinished(self) -> int:
-        with self._lock:
-            return sum(1 for r in self._requests.values() if not r.finished)
+            request = self._requests.get(request_id)
+            if request is None:
+                return self._results[request_id].usage
+            return self._usage(request)
 
     def _usage(self, request: Request) -> Usage:
-        num_cached = max(request.num_cached_tokens, 0)
+        num_cached = request.num_cached_tokens or 0
         written: dict[str, int] = {}
         write = request.cache_write
         if write is not None:
@@ -366,9 +515,10 @@ class Engine:
     def run_until_done(self, request_ids: Sequence[str]) -> list[Completion]:
         pending = set(request_ids)
         while pending:
-            self.step()
+            if not self.run_step().num_scheduled:
+                self.wait_for_work(0.01)  # e.g. a request whose prefix is loading from a tier
             with self._lock:
-                pending = {r for r in pending if not self._requests[r].finished}
+                pending = {r for r in pending if r in self._requests}
         return [self.completion(r) for r in request_ids]
 
     def generate(self, prompt: Prompt, *, namespace: str = DEFAULT_NAMESPACE,
@@ -386,48 +536,76 @@ class Engine:
 
     def stream(self, prompt: Prompt, *, namespace: str = DEFAULT_NAMESPACE, **sampling: Any) -> Iterator[RequestUpdate]:
         """Yield updates as tokens are generated; the last one has finished=True. Closing the iterator aborts."""
-        rid = self.add_request(prompt, _sampling(sampling), namespace=namespace)
+        rid = self.add_request(prompt, _sampling(sampling), namespace=namespace, detach=True)
         try:
             while True:
-                for update in self.step():
+                result = self.run_step()
+                for update in result.updates:
                     if update.request_id == rid:
                         yield update
                         if update.finished:
                             return
+                if not result.num_scheduled:
+                    self.wait_for_work(0.01)
         finally:
             self.abort(rid)
-            with self._lock:
-                self._requests.pop(rid, None)
 
     def prompt_logits(self, prompt: Prompt, *, namespace: str = DEFAULT_NAMESPACE) -> PromptLogits:
         """Prefill a prompt (reusing the cache) and return the logits of every computed position."""
         rid = self.add_request(prompt, SamplingParams(max_tokens=0), namespace=namespace, want_prompt_logits=True)
         with self._lock:
             request = self._requests[rid]
-        self.run_until_done([rid])
-        return PromptLogits(torch.cat(request.prompt_logits), max(request.num_cached_tokens, 0))
+        completion = self.run_until_done([rid])[0]
+        return PromptLogits(torch.cat(request.prompt_logits), completion.usage.cached_tokens)
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(
-                num_prompt_tokens=self.scheduler.num_query_tokens,
-                num_cached_tokens=self.scheduler.num_hit_tokens,
+            sched = self.scheduler
+            stats = EngineStats(
+                num_prompt_tokens=sched.num_query_tokens,
+                num_cached_tokens=sched.num_hit_tokens,
                 num_computed_prompt_tokens=self._num_computed_prompt_tokens,
                 num_generated_tokens=self._num_generated_tokens,
                 num_steps=self._num_steps,
-                num_preemptions=self.scheduler.num_preemptions,
+                num_preemptions=sched.num_preemptions,
                 cache=self.cache.stats(),
+                num_waiting=len(sched.waiting),
+                num_loading=self._num_loading,
+                num_running=len(sched.running),
+                num_errors=self._num_errors,
             )
+        if self.kv_store is None:
+            return stats
+        store = self.kv_store
+        return _replace(stats, tiers=tuple(store.stats()), num_dropped_tier_writes=store.num_dropped_writes)
 
     def locate_prefix(self, token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> tuple[str | None,
                                                                                                   str | None]:
-        """Where a prefix's blocks are now ("pool", "tier" or None) and its TTL class, if protected."""
+        """Where a prefix's blocks are now ("pool", "tier" or None) and its TTL class, if protected.
+        Tier existence checks run without the engine lock."""
         with self._lock:
-            return self.cache.locate(token_ids, namespace)
+            loc = self.cache.locate(token_ids, namespace)
+        if loc.where is None and loc.block_hash is not None and self.kv_store is not None:
+            if self.kv_store.num_leading([loc.block_hash]):
+                return "tier", None
+        return loc.where, loc.ttl_class
 
     def check_integrity(self) -> None:
         with self._lock:
             self.cache.check_integrity()
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of a chat message's content (a string or a list of text parts)."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text", "")) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
+
+
+def _describe(exc: BaseException, what: str) -> str:
+    return f"{what}: {type(exc).__name__}: {exc}"
 
 
 def _sampling(options: dict[str, Any]) -> SamplingParams:

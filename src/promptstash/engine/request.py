@@ -10,24 +10,20 @@ from dataclasses import dataclass, field
 import torch
 
 from promptstash.cache.manager import ProtectResult
+from promptstash.engine.results import RequestUpdate
 from promptstash.engine.sampling import SamplingParams
+
+__all__ = ["Request", "RequestStatus", "RequestUpdate", "StopChecker"]
 
 
 class RequestStatus(enum.Enum):
+    """LOADING -> WAITING -> RUNNING -> FINISHED; LOADING only when tiers may hold its prefix; a preempted
+    request goes back from RUNNING to WAITING."""
+
+    LOADING = "loading"  # its prefix's blocks are being read from the tiers (off the engine lock)
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class RequestUpdate:
-    """What one engine step produced for one request (what a streaming client receives)."""
-
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished
 
 
 class StopChecker:
@@ -79,18 +75,22 @@ class Request:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     namespace: str
+    tenant: str
     stop_checker: StopChecker
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None = None
     on_update: Callable[[RequestUpdate], None] | None = None
     want_prompt_logits: bool = False
+    detach: bool = False  # its completion goes to its last update only
     cache_breakpoints: tuple[tuple[int, str], ...] = ()  # (prefix_len, ttl_class): protect once computed
 
     token_ids: list[int] = field(init=False)  # prompt then output; K/V exist for token_ids[:num_computed]
     status: RequestStatus = RequestStatus.WAITING
     num_computed: int = 0
-    num_cached_tokens: int = -1  # set at first admission
+    num_cached_tokens: int | None = None  # prompt tokens reused from the cache, known at first admission
     finish_reason: str | None = None
+    error: str | None = None  # why it finished with finish_reason "error"
+    sent_usage: bool = False  # its first update (which carries usage) has been handed out
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None

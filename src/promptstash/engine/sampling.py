@@ -1,4 +1,9 @@
-"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, per-request seed)."""
+"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, per-request seed).
+
+NOTE: a temperature below MIN_TEMPERATURE samples greedily. Dividing logits by a tiny temperature (1e-45,
+5e-324) overflows to inf and softmax then gives NaN; long before that the distribution is already one-hot
+(logit gaps of 1e-3 become 100 at T = 1e-5), so greedy is the same choice without the arithmetic.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from promptstash.errors import InvalidRequestError
+
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -10,11 +10,14 @@ prompt is cut into the same chunks whether or not part of it came from the cache
     tokens:     0 ........ C ........ 2C ..... len
     cache off:  [ chunk   )[ chunk    )[ chunk  )
     cache hit:  [ cached blocks ...  )[chunk )      <- last chunk ends at the same place
+
+Admission is first come, first served, except that a tenant already running `tenant_max_running` requests
+is skipped (its next request waits, later tenants' requests go ahead).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from promptstash.cache.manager import CacheManager
@@ -33,10 +36,13 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, cache: CacheManager, max_num_seqs: int, max_prefill_tokens: int) -> None:
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_prefill_tokens: int,
+                 tenant_max_running: int = 0) -> None:
+        """tenant_max_running: requests of one tenant running at once (0 = no limit)."""
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
+        self.tenant_max_running = tenant_max_running
         self.block_size = cache.block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -71,7 +77,6 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         """Chunks to compute in this step; at most one per request."""
-        self.cache.expire()
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
         budget = self.max_prefill_tokens
@@ -82,17 +87,22 @@ class Scheduler:
             if chunk is not None:
                 budget -= self._prefill_cost(chunk)
                 chunks.append(chunk)
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
-            request = self.waiting[0]
+        running_by_tenant = Counter(r.tenant for r in self.running)
+        for request in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs or budget <= 0:
+                break
+            if self.tenant_max_running and running_by_tenant[request.tenant] >= self.tenant_max_running:
+                continue  # this tenant has its share running: later tenants' requests go first
             request.num_computed = self.cache.open(request.request_id, request.token_ids, request.namespace)
             chunk = self._schedule_one(request, budget, scheduled, may_preempt=False)
             if chunk is None and not self.cache.waits_for_other(request.request_id, request.num_computed):
                 self.cache.close(request.request_id)  # the pool has no room yet: stay in the queue
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             self.running.append(request)
+            running_by_tenant[request.tenant] += 1
             request.status = RequestStatus.RUNNING
-            if request.num_cached_tokens < 0:
+            if request.num_cached_tokens is None:
                 request.num_cached_tokens = request.num_computed
                 self.num_query_tokens += request.prompt_len
                 self.num_hit_tokens += request.num_computed
@@ -121,7 +131,7 @@ class Scheduler:
             # still in prefill: pick up blocks that concurrent requests have published meanwhile
             num_cached = self.cache.extend_match(rid, len(request.token_ids))
             if num_cached > request.num_computed:
-                if request.num_cached_tokens >= 0 and request.num_preemptions == 0:
+                if request.num_cached_tokens is not None and request.num_preemptions == 0:
                     self.num_hit_tokens += num_cached - request.num_computed
                     request.num_cached_tokens = num_cached
                 request.num_computed = num_cached
@@ -138,7 +148,7 @@ class Scheduler:
             if any(r is not request for r in self.running):
                 return None  # others still hold blocks: wait for them
             # nothing else can free blocks: TTL protections give way rather than stall this request forever
-            if not self.cache.force_expire(self.cache.blocks_needed(rid, end)):
+            if not self.cache.allocate(rid, end, last_resort=True):
                 return None
         scheduled.add(rid)
         return ScheduledChunk(request, request.num_computed, end)

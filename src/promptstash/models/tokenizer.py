@@ -235,6 +235,15 @@ class Tokenizer:
         """Number of ids the tokenizer knows, added tokens included (may be below the model's row count)."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters of text one token covers: the longest token string.
+
+        Byte-level and metaspace vocabularies spell each token with at most one character per byte of
+        its text, so no token's text is longer than its spelling.
+        """
+        return max((len(t) for t in self._tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
     def token_to_id(self, token: str) -> int | None:
         """Id of the exact token string ``token`` (e.g. ``"<|im_end|>"``), or None if it is not in the vocabulary."""
         return self._tokenizer.token_to_id(token)

@@ -19,9 +19,10 @@ class TierStats:
     num_refused_writes: int = 0  # over the size cap, disk full, read-only directory
     num_failed_writes: int = 0  # backend errors (Redis unreachable, I/O error)
     num_failed_reads: int = 0
-    num_corrupt: int = 0  # entries found damaged and deleted
+    num_corrupt: int = 0  # entries found damaged and deleted (at start, or when a load verified them)
     num_expired: int = 0
     load_seconds: float = 0.0  # time spent in get() on hits
+    num_loaded_blocks: int = 0  # entries verified and copied into the pool
 
 
 class Tier(Protocol):

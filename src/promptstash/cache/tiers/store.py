@@ -3,30 +3,44 @@
     save:  pool slots of block b ──copy (engine thread)──> [2, layers, block_size, kv_heads, head_dim]
            ──encode + write (tier writer thread)──> disk, redis
     load:  tier entry ──decode + verify──> tensor ──copy──> pool slots     (the next entry is read meanwhile)
+
+NOTE: load() runs on the engine's loader thread, never under the engine lock: the pool blocks it writes
+are reserved for it (referenced, unpublished), so no request reads or reuses them until it returns.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Protocol
 
 import torch
 
-from promptstash.cache.manager import TTL_SECONDS
+from promptstash.cache.tiers.base import TierStats
 from promptstash.cache.tiers.chain import TierChain
 from promptstash.cache.tiers.entry import CorruptEntryError, EntryMeta, decode, encode
-from promptstash.models.llama import KVCache
+from promptstash.cache.ttl import TTL_SECONDS
 
 log = logging.getLogger("promptstash.tiers")
 PREFETCH = 8  # entries read ahead of the one being copied into the pool
 READER_THREADS = 2  # measured best on 2 cores (4 threads: 0.38 s, 2: 0.24 s for 512 Redis blocks)
 
 
+class KVTensors(Protocol):
+    """The pool's K/V storage: k and v are [layers, num_blocks * block_size, kv_heads, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    block_size: int
+
+
 class KVStore:
-    def __init__(self, kv: KVCache, chain: TierChain, model_id: str, kv_layout: str,
+    def __init__(self, kv: KVTensors, chain: TierChain, model_id: str, kv_layout: str,
                  storage_dtype: torch.dtype | None = None) -> None:
         """storage_dtype: the dtype entries are stored in (None = the pool's, which keeps reuse exact)."""
         self.kv = kv
@@ -37,8 +51,9 @@ class KVStore:
                               shape=(2, num_layers, kv.block_size, num_heads, head_dim),
                               dtype=str(self.storage_dtype).removeprefix("torch."), num_tokens=kv.block_size)
         self._reader = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="promptstash-tier-reader")
-        self.num_corrupt = 0
-        self.loaded_by_tier: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._corrupt: dict[str, int] = {}  # tier name -> damaged entries found by load()
+        self._loaded: dict[str, int] = {}  # tier name -> entries copied into the pool
 
     def _slots(self, block_id: int) -> slice:
         bs = self.kv.block_size
@@ -76,14 +91,15 @@ class KVStore:
             s = self._slots(block_id)
             self.kv.k[:, s] = block[0]
             self.kv.v[:, s] = block[1]
-            self.loaded_by_tier[tier] = self.loaded_by_tier.get(tier, 0) + 1
+            with self._lock:
+                self._loaded[tier] = self._loaded.get(tier, 0) + 1
             num += 1
         for future in pending:
             future.cancel()
         return num
 
     def _fetch(self, block_hash: bytes) -> tuple[torch.Tensor, str] | None:
-        """Read and verify one entry (on a reader thread). A damaged entry is deleted: None."""
+        """Read and verify one entry (on a reader thread). A damaged entry is deleted and counted: None."""
         found = self.chain.lookup(block_hash)
         if found is None:
             return None
@@ -91,12 +107,29 @@ class KVStore:
         try:
             payload = decode(entry, block_hash, self.meta)
         except CorruptEntryError as exc:
-            self.num_corrupt += 1
+            with self._lock:
+                self._corrupt[tier] = self._corrupt.get(tier, 0) + 1
             log.warning("damaged KV entry %s from %s deleted (%s); recomputing", block_hash.hex(), tier, exc)
             self.chain.delete(block_hash)
             return None
         block = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.storage_dtype)
         return block.view(self.meta.shape), tier
+
+    # -- figures and shutdown --------------------------------------------------------------------
+    def stats(self) -> list[TierStats]:
+        """Each tier's figures, with the damaged entries and loaded blocks that load() found in it."""
+        with self._lock:
+            corrupt, loaded = dict(self._corrupt), dict(self._loaded)
+        return [replace(t, num_corrupt=t.num_corrupt + corrupt.get(t.name, 0),
+                        num_loaded_blocks=loaded.get(t.name, 0)) for t in self.chain.stats()]
+
+    @property
+    def num_dropped_writes(self) -> int:
+        return self.chain.num_dropped_writes
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until queued tier writes are done. True if they finished in time."""
+        return self.chain.flush(timeout_s)
 
     def close(self, flush_timeout_s: float = 30.0) -> None:
         self.chain.close(flush_timeout_s)

@@ -1,0 +1,59 @@
+"""What a request hands back: streamed updates, and its completion with usage and timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_NAMESPACE = "default"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose K/V came from the cache
+    completion_tokens: int
+    # prompt tokens computed by this request and protected under a TTL class (its cache breakpoints)
+    cache_write_tokens: dict[str, int] = field(default_factory=dict)
+    cache_write_refused: bool = False  # breakpoints were asked for but protection would exceed the cap
+
+    @property
+    def num_cache_write_tokens(self) -> int:
+        return sum(self.cache_write_tokens.values())
+
+
+@dataclass(frozen=True)
+class Timings:
+    ttft_s: float  # arrival -> first output token (or end of prefill when max_tokens == 0)
+    total_s: float  # arrival -> finished
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    usage: Usage
+    timings: Timings
+    stop_sequence: str | None = None  # the stop string that ended generation, if one did
+    prompt_token_ids: tuple[int, ...] = ()
+    namespace: str = DEFAULT_NAMESPACE
+    tenant: str = DEFAULT_NAMESPACE
+    error: str | None = None  # what went wrong, when finish_reason == "error"
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """What one engine step produced for one request (what a streaming client receives).
+
+    usage is set on a request's first update (its cache reuse is known by then) and on its last one;
+    completion is set on the last one (finished=True): the engine has forgotten the request by then.
+    """
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
+    usage: Usage | None = None
+    completion: Completion | None = None
