@@ -48,6 +48,7 @@ class Submission:
         self._closed = False
         self._completion: Completion | None = None
         self._usage: Usage | None = None
+        self.added = False  # engine.add_request has returned
         # read by the engine thread's idle check: when an update arrived that nobody has taken yet
         self._lock = threading.Lock()
         self._num_unread = 0
@@ -179,18 +180,19 @@ class EngineLoop:
         with self._lock:
             submissions = dict(self._submissions)
         if self.stream_idle_timeout_s > 0:
+            running = self.engine.unfinished_ids()
             for rid, sub in submissions.items():
-                if not sub.finished and sub.idle_for(now) > self.stream_idle_timeout_s:
+                if rid in running and sub.idle_for(now) > self.stream_idle_timeout_s:
                     self.num_idle_aborts += 1
                     log.warning("request %s: its client read nothing for %.0f s; aborting it", rid,
                                 self.stream_idle_timeout_s)
                     self.engine.abort(rid)
-        live = self.engine.unfinished_ids()
+        added = {rid: sub for rid, sub in submissions.items() if sub.added}
+        live = self.engine.unfinished_ids()  # NOTE: after reading `added`: an added request missing here finished
         with self._lock:
-            for rid, sub in list(self._submissions.items()):
-                if rid not in live and sub is submissions.get(rid):
-                    # finished in the engine: its last update is queued for the handler (or nobody listens)
-                    del self._submissions[rid]
+            for rid, sub in added.items():
+                if rid not in live and self._submissions.get(rid) is sub:
+                    del self._submissions[rid]  # its last update is queued for the handler (or nobody listens)
             orphans = [rid for rid in live if rid not in self._submissions]
         for rid in orphans:  # NOTE: the loop owns its engine: a request no submission tracks has no reader
             self.num_reconciled += 1
@@ -225,9 +227,11 @@ class EngineLoop:
                 with self._lock:
                     self._submissions[rid] = submission
                 try:
-                    return self.engine.add_request(prompt, sampling, namespace=namespace, tenant=tenant,
-                                                   request_id=rid, on_update=on_update, detach=True,
-                                                   cache_breakpoints=cache_breakpoints)
+                    added = self.engine.add_request(prompt, sampling, namespace=namespace, tenant=tenant,
+                                                    request_id=rid, on_update=on_update, detach=True,
+                                                    cache_breakpoints=cache_breakpoints)
+                    submission.added = True
+                    return added
                 except BaseException:
                     with self._lock:
                         self._submissions.pop(rid, None)
