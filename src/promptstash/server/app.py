@@ -24,6 +24,7 @@ from promptstash.server.dashboard import DASHBOARD_HTML
 from promptstash.server.errors import APIError, error_response
 from promptstash.server.loop import EngineLoop, Submission
 from promptstash.server.metrics import ServerStats
+from promptstash.server.openapi import build_openapi
 from promptstash.server.validate import parse_json_object
 
 log = logging.getLogger("promptstash.server")
@@ -110,8 +111,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             state.loop.stop()
             engine.close(flush_timeout_s=30)  # queued tier writes reach disk / Redis before we exit
 
-    app = FastAPI(title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.promptstash = state
+    app.openapi = lambda: build_openapi(app)  # adds the model routes' bodies, status codes and keys (openapi.py)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:

@@ -1,0 +1,313 @@
+"""The server's OpenAPI 3.1 document (served at /openapi.json).
+
+The model routes take a raw Request and parse their JSON by hand (validate.py), so FastAPI's generated
+document has no request bodies. This module starts from FastAPI's document and adds what the routes really
+accept: request-body schemas for POST /v1/chat/completions, /v1/completions and /v1/messages, the query and
+path parameters of the GET /v1/cache/* routes, the status codes each route returns and the two ways to send
+an API key. Schemas allow unknown fields (as the routes do: they ignore what they do not know), and give
+the limits the routes enforce (ranges, enums, the served model names, the context window), so a request that
+fits the schema is accepted unless it breaks a rule JSON Schema cannot state (prompt + max_tokens must fit
+the context window; Anthropic's at most 4 cache breakpoints, longer TTLs first). Such requests get a 400.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+JSON = "application/json"
+SSE = "text/event-stream"
+
+BEARER = "bearerAuth"
+API_KEY = "apiKeyHeader"
+QUERY_KEY = "apiKeyQuery"
+OPEN_ROUTES = {"/health"}  # every other route takes a key when keys are configured
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` or null: the routes treat a null field as an absent one."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _object(properties: dict[str, Any], required: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": True, **extra}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+# -- request bodies --------------------------------------------------------------------------------------------
+
+def _sampling_common(max_model_len: int) -> dict[str, Any]:
+    """Fields both API flavours read the same way (temperature ranges differ and are set by the callers)."""
+    return {
+        "max_tokens": _nullable({"type": "integer", "minimum": 0, "maximum": max_model_len,
+                                 "description": "tokens to generate; prompt + max_tokens must fit the context "
+                                                "window"}),
+        "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "top_k": _nullable({"type": "integer", "minimum": 0, "description": "0 = off"}),
+        "stream": _nullable({"type": "boolean"}),
+        "cache_salt": _nullable({"type": "string", "description": "isolates the cache: requests with different "
+                                                                  "salts never share cached blocks"}),
+    }
+
+
+def _openai_options(model_names: list[str], max_model_len: int) -> dict[str, Any]:
+    return {
+        "model": {"type": "string", "enum": model_names},
+        **_sampling_common(max_model_len),
+        "max_completion_tokens": _nullable({"type": "integer", "minimum": 0, "maximum": max_model_len,
+                                            "description": "wins over max_tokens"}),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2, "description": "0 = greedy"}),
+        "seed": _nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1}),
+        "stop": _nullable({"oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+        ], "description": "up to 4 non-empty stop strings, never included in the output"}),
+        "stream_options": _nullable(_object({"include_usage": _nullable({"type": "boolean"})})),
+        "n": _nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "only 1 is supported"}),
+        "user": _nullable({"type": "string"}),
+        "prompt_cache_key": _nullable({"type": "string", "description": "accepted; one engine needs no routing "
+                                                                        "hint"}),
+        "prompt_cache_retention": _nullable({"type": "string", "enum": ["in_memory", "24h"],
+                                             "description": "24h protects the prompt's blocks for 24 hours"}),
+        "ignore_eos": _nullable({"type": "boolean"}),
+        "logprobs": _nullable({"type": "boolean", "enum": [False], "description": "not supported"}),
+        "top_logprobs": _nullable({"type": "integer", "enum": [0], "description": "not supported"}),
+        "presence_penalty": _nullable({"type": "number", "enum": [0], "description": "only 0 is supported"}),
+        "frequency_penalty": _nullable({"type": "number", "enum": [0], "description": "only 0 is supported"}),
+        "tools": _nullable({"type": "array", "maxItems": 0, "description": "tool calling is not supported"}),
+        "response_format": _nullable(_object({"type": _nullable({"type": "string", "enum": ["text"]})})),
+    }
+
+
+def _chat_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
+    text_part = _object({"type": {"type": "string", "const": "text"}, "text": {"type": "string"}},
+                        ("type", "text"))
+    content = {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}],
+               "description": "a string or an array of text parts"}
+    message = {"oneOf": [
+        _object({"role": {"type": "string", "enum": ["system", "developer", "user"]}, "content": content},
+                ("role", "content")),
+        _object({"role": {"type": "string", "const": "assistant"}, "content": _nullable(content)}, ("role",)),
+    ]}
+    return _object({**_openai_options(model_names, max_model_len),
+                    "messages": {"type": "array", "items": message, "minItems": 1}},
+                   ("model", "messages"))
+
+
+def _completion_request(model_names: list[str], max_model_len: int, vocab_size: int | None) -> dict[str, Any]:
+    token: dict[str, Any] = {"type": "integer", "minimum": 0}
+    if vocab_size:
+        token["maximum"] = vocab_size - 1
+    tokens = {"type": "array", "items": token, "minItems": 1}
+    text = {"type": "string", "minLength": 1}
+    prompt = {"oneOf": [text, tokens, {"type": "array", "items": {"oneOf": [text, tokens]}, "minItems": 1,
+                                       "maxItems": 1}],
+              "description": "one prompt: a non-empty string or token ids (or a one-element array of either)"}
+    return _object({**_openai_options(model_names, max_model_len), "prompt": prompt,
+                    "echo": _nullable({"type": "boolean", "enum": [False], "description": "not supported"}),
+                    "suffix": _nullable({"type": "string", "maxLength": 0, "description": "not supported"}),
+                    "best_of": _nullable({"type": "integer", "minimum": 1, "maximum": 1})},
+                   ("model", "prompt"))
+
+
+def _messages_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
+    cache_control = _ref("CacheControl")
+    text_block = _object({"type": {"type": "string", "const": "text"}, "text": {"type": "string"},
+                          "cache_control": _nullable(cache_control)}, ("type", "text"))
+    blocks = {"type": "array", "items": text_block, "minItems": 1}
+    message = _object({"role": {"type": "string", "enum": ["user", "assistant"]},
+                       "content": {"oneOf": [{"type": "string"}, blocks]}}, ("role", "content"))
+    common = _sampling_common(max_model_len)
+    common["max_tokens"] = {"type": "integer", "minimum": 0, "maximum": max_model_len,
+                            "description": "0 only writes the prompt to the cache"}
+    return _object({
+        "model": {"type": "string", "enum": model_names},
+        **common,
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "system": _nullable({"oneOf": [{"type": "string"}, blocks]}),
+        "messages": {"type": "array", "items": message, "minItems": 1},
+        "stop_sequences": _nullable({"type": "array", "items": {"type": "string", "minLength": 1}}),
+        "metadata": _nullable(_object({"user_id": _nullable({"type": "string"})})),
+        "tools": _nullable({"type": "array", "maxItems": 0, "description": "tool use is not supported"}),
+        "cache_control": _nullable({**cache_control, "description": "automatic caching: one more breakpoint, on "
+                                                                    "the last block"}),
+    }, ("model", "max_tokens", "messages"),
+        description="At most 4 cache_control breakpoints (the top-level one counts); a 1h breakpoint may not "
+                    "follow a 5m one.")
+
+
+# -- responses -------------------------------------------------------------------------------------------------
+
+def _components() -> dict[str, Any]:
+    openai_usage = _object({"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+                            "total_tokens": {"type": "integer"},
+                            "prompt_tokens_details": _object({"cached_tokens": {"type": "integer"}},
+                                                             ("cached_tokens",))},
+                           ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"))
+    finish = {"type": "string", "enum": ["stop", "length"]}
+    chat_choice = _object({"index": {"type": "integer"}, "finish_reason": finish,
+                           "message": _object({"role": {"type": "string", "const": "assistant"},
+                                               "content": {"type": "string"}}, ("role", "content"))},
+                          ("index", "message", "finish_reason"))
+    text_choice = _object({"index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": finish},
+                          ("index", "text", "finish_reason"))
+
+    def openai_completion(obj: str, choice: dict[str, Any]) -> dict[str, Any]:
+        return _object({"id": {"type": "string"}, "object": {"type": "string", "const": obj},
+                        "created": {"type": "integer"}, "model": {"type": "string"},
+                        "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": 1},
+                        "usage": openai_usage}, ("id", "object", "created", "model", "choices", "usage"))
+
+    anthropic_usage = _object({name: {"type": "integer", "minimum": 0} for name in (
+        "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")},
+        ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens"))
+    message = _object({
+        "id": {"type": "string"}, "type": {"type": "string", "const": "message"},
+        "role": {"type": "string", "const": "assistant"}, "model": {"type": "string"},
+        "content": {"type": "array", "items": _object({"type": {"type": "string", "const": "text"},
+                                                       "text": {"type": "string"}}, ("type", "text"))},
+        "stop_reason": {"type": "string", "enum": ["end_turn", "max_tokens", "stop_sequence"]},
+        "stop_sequence": {"type": ["string", "null"]}, "usage": anthropic_usage,
+    }, ("id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"))
+    return {
+        "CacheControl": _object({"type": {"type": "string", "const": "ephemeral"},
+                                 "ttl": _nullable({"type": "string", "enum": ["5m", "1h"],
+                                                   "description": "default 5m"})}, ("type",)),
+        "OpenAIError": _object({"error": _object({
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}, ("message", "type"))},
+            ("error",)),
+        "AnthropicError": _object({"type": {"type": "string", "const": "error"}, "error": _object({
+            "type": {"type": "string"}, "message": {"type": "string"}}, ("type", "message"))}, ("type", "error")),
+        "ChatCompletion": openai_completion("chat.completion", chat_choice),
+        "TextCompletion": openai_completion("text_completion", text_choice),
+        "Message": message,
+    }
+
+
+def _errors(anthropic: bool, *statuses: int) -> dict[str, Any]:
+    schema = _ref("AnthropicError" if anthropic else "OpenAIError")
+    what = {400: "invalid request (the message names the field and the limit)",
+            401: "missing or invalid API key (only when the server has keys)",
+            404: "not found", 413: "request body too large",
+            429: "too many queued requests; retry after the retry-after header",
+            529: "overloaded: too many queued requests; retry after the retry-after header"}
+    return {str(s): _json_response(what[s], schema) for s in statuses}
+
+
+def _sse_event(anthropic: bool) -> dict[str, Any]:
+    """One server-sent event (Open API 3.1: the `schema` of text/event-stream describes each event)."""
+    if not anthropic:  # data: a chunk object, then data: [DONE]
+        return _object({"data": {"type": "string"}}, ("data",))
+    return _object({"event": {"type": "string", "enum": [
+        "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+        "message_stop", "ping", "error"]},
+        "data": {"type": "string", "contentMediaType": JSON,
+                 "contentSchema": _object({"type": {"type": "string"}}, ("type",))}}, ("event", "data"))
+
+
+def _model_route(schema_name: str, request_schema: dict[str, Any], anthropic: bool, summary: str,
+                 description: str) -> dict[str, Any]:
+    overloaded = 529 if anthropic else 429
+    return {
+        "summary": summary, "description": description,
+        "requestBody": {"required": True, "content": {JSON: {"schema": request_schema}}},
+        "responses": {
+            "200": {"description": "the completion (JSON), or server-sent events when `stream` is true",
+                    "headers": {"x-request-id": {"schema": {"type": "string"},
+                                                 "description": "for GET /v1/cache/requests/{id}/miss"}},
+                    "content": {JSON: {"schema": _ref(schema_name)}, SSE: {"schema": _sse_event(anthropic)}}},
+            **_errors(anthropic, 400, 401, 404, 413, overloaded),
+        },
+    }
+
+
+def _limit(default: int, maximum: int) -> dict[str, Any]:
+    return {"name": "limit", "in": "query", "required": False,
+            "description": f"how many to return (clamped to 1..{maximum})",
+            "schema": {"type": "integer", "default": default}}
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document for `app`, completed with the model routes' bodies, status codes and security."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, openapi_version="3.1.0", routes=app.routes,
+                      description="OpenAI- and Anthropic-compatible LLM inference with exact prompt caching.")
+    state = app.state.promptstash
+    names = sorted(state.model_names(), key=lambda n: (n != state.model_name, n))
+    max_model_len = state.engine.max_model_len
+    vocab_size = getattr(getattr(getattr(state.engine, "model", None), "config", None), "vocab_size", None)
+    paths: dict[str, dict[str, Any]] = doc.setdefault("paths", {})
+
+    for path, route in (
+        ("/v1/chat/completions", _model_route(
+            "ChatCompletion", _chat_request(names, max_model_len), False, "OpenAI chat completion",
+            "Reuses the longest cached prefix of the tenant's namespace (the API key's tenant, plus cache_salt).")),
+        ("/v1/completions", _model_route(
+            "TextCompletion", _completion_request(names, max_model_len, vocab_size), False,
+            "OpenAI text completion", "One prompt per request: text, or token ids.")),
+        ("/v1/messages", _model_route(
+            "Message", _messages_request(names, max_model_len), True, "Anthropic messages",
+            "cache_control breakpoints protect the prompt's blocks for their TTL; usage splits input tokens into "
+            "uncached, cache writes and cache reads.")),
+    ):
+        paths.setdefault(path, {}).setdefault("post", {}).update(route)  # keeps FastAPI's operationId
+
+    plain = {"200": {"description": "OK", "content": {JSON: {"schema": {"type": "object"}}}}}
+    for path, method, responses, parameters in (
+        ("/health", "get", plain, None),
+        ("/v1/models", "get", plain, None),
+        ("/v1/cache/stats", "get", plain, None),
+        ("/v1/cache/requests", "get", {**plain, **_errors(False, 400)}, [_limit(50, 500)]),
+        ("/v1/cache/requests/{request_id}/miss", "get", {**plain, **_errors(False, 404)},
+         [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"},
+           "description": "the x-request-id header of a recent response"}]),
+        ("/v1/cache/prefixes", "get", {**plain, **_errors(False, 400)}, [_limit(10, 100)]),
+        ("/metrics", "get", {"200": {"description": "Prometheus text format",
+                                     "content": {"text/plain": {"schema": {"type": "string"}}}}}, None),
+        ("/dashboard", "get", {"200": {"description": "the live dashboard page",
+                                       "content": {"text/html": {"schema": {"type": "string"}}}}}, None),
+    ):
+        operation = paths.setdefault(path, {}).setdefault(method, {})
+        operation["responses"] = copy.deepcopy(responses)  # replaces FastAPI's 422: validation errors are 400s
+        if parameters is not None:
+            operation["parameters"] = parameters
+
+    # Without tenant or admin keys the server has one local tenant and takes no key (a metrics key alone
+    # guards /metrics only); `{}` in a security list says the key is optional.
+    auth_required = getattr(state, "auth_required", bool(state.config.api_keys))
+    for path, item in paths.items():
+        if path in OPEN_ROUTES:
+            continue
+        required = auth_required or (path == "/metrics" and bool(getattr(state.config, "metrics_key", None)))
+        for operation in item.values():
+            ways = [{BEARER: []}, {API_KEY: []}] + ([{QUERY_KEY: []}] if path == "/dashboard" else [])
+            operation["security"] = ways + ([] if required else [{}])
+            operation["responses"].update(_errors(path.startswith("/v1/messages"), 401))
+
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    schemas.update(_components())
+    components["securitySchemes"] = {
+        BEARER: {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+        API_KEY: {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "x-api-key: KEY"},
+        QUERY_KEY: {"type": "apiKey", "in": "query", "name": "key", "description": "/dashboard?key=KEY"},
+    }
+    app.openapi_schema = doc
+    return doc
