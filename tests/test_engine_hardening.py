@@ -191,11 +191,14 @@ def test_tenant_max_running_lets_other_tenants_requests_go_first() -> None:
 
 
 class SlowDiskTier(DiskTier):
-    """A disk tier whose reads take `delay_s` each (a slow network store)."""
+    """A disk tier whose reads wait for `gate` (a slow network store), then take `delay_s` each."""
 
     delay_s = 0.0
+    gate: threading.Event | None = None
 
     def get(self, block_hash: bytes) -> bytes | None:
+        if self.gate is not None:
+            self.gate.wait(30)
         time.sleep(self.delay_s)
         return super().get(block_hash)
 
@@ -213,24 +216,25 @@ def test_a_request_loading_from_a_slow_tier_does_not_stall_running_requests(tmp_
     writer.close()
 
     engine = Engine(weights, None, config, model_id="tiny@slow")
+    runner_done = threading.Event()
+    runner = engine.add_request(_tokens(20, 41), SamplingParams(max_tokens=30, ignore_eos=True),
+                                on_update=lambda u: u.finished and runner_done.set())
+    while engine.stats().num_loading:  # the runner itself goes through the (empty) tier lookup first
+        engine.wait_for_work(0.05)
     tier = engine.kv_store.chain.tiers[0]
     tier.__class__ = SlowDiskTier
-    tier.delay_s = 0.05  # 25 blocks: >= 1.25 s of reads
-    runner = engine.add_request(_tokens(20, 41), SamplingParams(max_tokens=30, ignore_eos=True))
-    while engine.stats().num_loading:  # the runner itself goes through the (empty) lookup first
-        engine.wait_for_work(0.05)
+    tier.gate = threading.Event()  # every tier read blocks until the runner is done
     loader = engine.add_request(long_prompt + [1, 2, 3], SamplingParams(max_tokens=1))
-    start = time.monotonic()
     while not engine.stats().num_loading:
         time.sleep(0.001)
-    steps_while_loading = 0
-    while engine.stats().num_loading:
-        if engine.run_step().num_scheduled:
-            steps_while_loading += 1
-    load_s = time.monotonic() - start
-    assert load_s > 0.5
-    assert steps_while_loading >= 25, f"only {steps_while_loading} steps ran during a {load_s:.1f} s load"
+    num_steps = 0
+    while not runner_done.is_set():
+        assert engine.stats().num_loading == 1, "the load finished although its reads are blocked"
+        num_steps += engine.run_step().num_scheduled
+    assert num_steps >= 29  # the runner decoded all its tokens while the loader's reads were blocked
+    tier.gate.set()
     done = engine.run_until_done([runner, loader])
+    assert done[0].usage.completion_tokens == 30
     assert done[1].usage.cached_tokens == 400 // 16 * 16
     engine.check_integrity()
     engine.close()
