@@ -38,7 +38,6 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 from server_helpers import LiveServer, tiny_chat_engine  # noqa: E402
 
 from promptstash.config import ServerConfig  # noqa: E402
-from promptstash.engine import sampling  # noqa: E402
 
 MAX_EXAMPLES = int(os.environ.get("PROMPTSTASH_FUZZ_EXAMPLES", "50"))
 SHRINK = os.environ.get("PROMPTSTASH_FUZZ_SHRINK") == "1"
@@ -119,13 +118,6 @@ def _adjust(case, max_model_len: int) -> None:
         prompt = prompt[0]
     if isinstance(prompt, list):
         prompt[:] = [int(t) if isinstance(t, float) and t.is_integer() else t for t in prompt]
-    # TODO(engine): remove once the engine samples tiny temperatures greedily (sampling.MIN_TEMPERATURE).
-    # Before that fix, `temperature: 1e-300` divides logits into inf/NaN, the engine step raises, and the
-    # request never finishes (a hang). Until it lands, such temperatures are sent as 0 (greedy).
-    if not hasattr(sampling, "MIN_TEMPERATURE"):
-        value = body.get("temperature")
-        if _number(value) and 0 < value < 1e-5:
-            body["temperature"] = 0
 
 
 def _error_message(response) -> str:
