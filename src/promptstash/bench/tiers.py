@@ -3,7 +3,8 @@
 For each prefix length (default 2,048 and 8,192 tokens) a request of prefix + a fresh 32-token suffix is
 timed (time to first token, in-process): cold (nothing cached), a pool hit, a disk hit (a new engine on
 the same cache directory: empty pool, the restart case) and a Redis hit (a new engine whose only tier is
-Redis). Also: bytes stored per token in each tier.
+Redis). Also: bytes stored per token in each tier, and decode speed of running requests while another
+request loads the longest prefix from Redis (tier loads run off the engine lock: it may drop <= 10%).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import platform
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ class TierResults:
     setup: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     bytes_per_token: dict[str, float] = field(default_factory=dict)
+    decode_during_load: dict[str, Any] = field(default_factory=dict)
 
 
 class _Redis:
@@ -85,7 +89,7 @@ def run(prefix_lens=(2048, 8192), model: str | None = None, dtype: str = "auto",
             print(f"skipping the Redis tier: {exc}")
     work = Path(tempfile.mkdtemp(prefix="promptstash-bench-tiers-"))
 
-    def engine(**tiers) -> Engine:
+    def engine(**tiers: Any) -> Engine:
         config = EngineConfig(dtype=dtype, kv_cache_tokens=max(prefix_lens) * 2 + 1024,
                               kv_storage_dtype=storage_dtype, **tiers)
         return Engine(base.model, base.tokenizer, config, base.model_id)
@@ -130,12 +134,81 @@ def run(prefix_lens=(2048, 8192), model: str | None = None, dtype: str = "auto",
                     row[f"{tier}_vs_pool"] = row[f"{tier}_s"] / row["pool_s"]
             res.rows.append(row)
             print(json.dumps(row))
+        if redis_url is not None:
+            res.decode_during_load = decode_during_load(engine, redis_url, max(prefix_lens), rng, vocab)
+            print(json.dumps({"decode_during_load": res.decode_during_load}))
     finally:
         if own_redis is not None:
             own_redis.stop()
         shutil.rmtree(work, ignore_errors=True)
     res.bytes_per_token["pool"] = base.kv.bytes_per_token
     return res
+
+
+def decode_during_load(make_engine: Any, redis_url: str, prefix_len: int, rng: random.Random, vocab: int,
+                       num_running: int = 4, repeats: int = 5) -> dict[str, Any]:
+    """Decode tokens/s of `num_running` requests before and while another request's prefix_len-token prefix
+    loads from Redis into an empty pool (median over `repeats` fresh engines).
+
+    A step thread drives the engine as the server's loop does; each decode step's wall time is recorded.
+    Rate = num_running / mean duration of the decode steps that lie wholly inside the window.
+    """
+    prefix = random_tokens(rng, prefix_len, vocab)
+    writer = make_engine(redis_url=redis_url)
+    writer.generate(prefix, max_tokens=1)
+    writer.close()
+    runs = []
+    for _ in range(repeats):
+        eng = make_engine(redis_url=redis_url)
+        steps: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def drive(eng: Engine = eng, steps: list = steps, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                if eng.run_step().num_scheduled:
+                    steps.append((t0, time.perf_counter()))
+                else:
+                    eng.wait_for_work(0.01)
+
+        from promptstash.engine.sampling import SamplingParams
+
+        params = SamplingParams(max_tokens=2000, ignore_eos=True)
+        runners = [eng.add_request(random_tokens(rng, 16, vocab), params) for _ in range(num_running)]
+        thread = threading.Thread(target=drive, daemon=True)
+        thread.start()
+        while eng.stats().num_generated_tokens < num_running * 4:  # past prefill, decoding
+            time.sleep(0.01)
+        base_start = time.perf_counter()
+        time.sleep(3.0)
+        base_end = time.perf_counter()
+        loader = eng.add_request(prefix + random_tokens(rng, SUFFIX_LEN, vocab), SamplingParams(max_tokens=1))
+        load_start = time.perf_counter()
+        while not eng.stats().num_loading:
+            time.sleep(0.0005)
+        while eng.stats().num_loading:
+            time.sleep(0.001)
+        load_end = time.perf_counter()
+        stop.set()
+        thread.join()
+        for rid in runners:
+            eng.abort(rid)
+        out = eng.run_until_done([loader])[0]
+        eng.close()
+
+        def rate(lo: float, hi: float, steps: list = steps) -> tuple[float | None, int]:
+            inside = [b - a for a, b in steps if a >= lo and b <= hi]
+            return (num_running / statistics.mean(inside) if inside else None), len(inside)
+
+        base, n_base = rate(base_start, base_end)
+        during, n_during = rate(load_start, load_end)
+        runs.append({"load_s": load_end - load_start, "cached_tokens": out.usage.cached_tokens,
+                     "decode_tok_s_before": base, "decode_tok_s_during": during,
+                     "steps_before": n_base, "steps_during": n_during})
+    ratios = [r["decode_tok_s_during"] / r["decode_tok_s_before"] for r in runs
+              if r["decode_tok_s_during"] and r["decode_tok_s_before"]]
+    return {"prefix_len": prefix_len, "num_running": num_running, "runs": runs,
+            "median_during_over_before": statistics.median(ratios) if ratios else None}
 
 
 def to_markdown(res: TierResults) -> str:
@@ -161,13 +234,32 @@ def to_markdown(res: TierResults) -> str:
                      f"{f('redis_speedup_vs_cold', '{:.1f}×')} | {f('redis_vs_pool', '{:.2f}×')} |")
     lines += ["", "Bytes stored per token: " + ", ".join(f"{k} {v:,.0f}" for k, v in res.bytes_per_token.items())
               + " (entries add a small header per 16-token block).", ""]
+    d = res.decode_during_load
+    if d:
+        lines += [
+            f"## Decode while a {d['prefix_len']:,}-token prefix loads from Redis",
+            "",
+            f"{d['num_running']} requests decode while another request's prefix loads from Redis into an empty pool "
+            "(tier reads run on the loader thread, off the engine lock). Decode tok/s = requests / mean step time.",
+            "",
+            "| run | load time | cached tokens | decode tok/s before | during the load | during / before |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for i, r in enumerate(d["runs"], 1):
+            before, during = r["decode_tok_s_before"], r["decode_tok_s_during"]
+            ratio = f"{during / before:.2f}" if before and during else "—"
+            lines.append(f"| {i} | {r['load_s']:.2f} s | {r['cached_tokens']:,} | "
+                         f"{before or 0:.1f} ({r['steps_before']} steps) | {during or 0:.1f} ({r['steps_during']} "
+                         f"steps) | {ratio} |")
+        med = d["median_during_over_before"]
+        lines += ["", f"Median during / before: **{med:.2f}**" + (" (target: >= 0.90)" if med else ""), ""]
     return "\n".join(lines)
 
 
 def write(res: TierResults, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / "tiers.json", out_dir / "tiers.md"
-    js.write_text(json.dumps({"setup": res.setup, "rows": res.rows, "bytes_per_token": res.bytes_per_token},
-                             indent=2) + "\n")
+    js.write_text(json.dumps({"setup": res.setup, "rows": res.rows, "bytes_per_token": res.bytes_per_token,
+                              "decode_during_load": res.decode_during_load}, indent=2) + "\n")
     md.write_text(to_markdown(res))
     return js, md

@@ -33,7 +33,7 @@ import torch
 
 from promptstash.cache.manager import CacheManager, CacheStats
 from promptstash.cache.tiers.base import TierStats
-from promptstash.cache.tiers.store import KVStore
+from promptstash.cache.tiers.store import KVStore, lower_thread_priority
 from promptstash.config import DTYPES, EngineConfig
 from promptstash.engine.request import Request, RequestStatus, StopChecker
 from promptstash.engine.results import DEFAULT_NAMESPACE, Completion, RequestUpdate, Timings, Usage
@@ -140,8 +140,8 @@ class Engine:
         self._num_generated_tokens = 0
         self._num_steps = 0
         self._num_errors = 0
-        self._loader = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptstash-tier-loader")
-                        if self.kv_store is not None else None)
+        self._loader = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptstash-tier-loader",
+                                           initializer=lower_thread_priority) if self.kv_store is not None else None)
 
     def _make_store(self, model_id: str, kv_layout: str) -> KVStore | None:
         from promptstash.cache.tiers.chain import TierChain

@@ -11,6 +11,7 @@ are reserved for it (referenced, unpublished), so no request reads or reuses the
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -29,6 +30,18 @@ from promptstash.cache.ttl import TTL_SECONDS
 log = logging.getLogger("promptstash.tiers")
 PREFETCH = 8  # entries read ahead of the one being copied into the pool
 READER_THREADS = 2  # measured best on 2 cores (4 threads: 0.38 s, 2: 0.24 s for 512 Redis blocks)
+
+
+def lower_thread_priority() -> None:
+    """Run the calling thread at the lowest CPU priority (Linux: per-thread nice 19; elsewhere a no-op).
+
+    Tier loads compete for the CPU with running requests' decode steps; at nice 19 they only take what
+    decoding leaves, so a long load slows itself rather than everyone's tokens.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 class KVTensors(Protocol):
@@ -50,7 +63,8 @@ class KVStore:
         self.meta = EntryMeta(model_id=model_id, kv_layout=kv_layout, num_layers=num_layers,
                               shape=(2, num_layers, kv.block_size, num_heads, head_dim),
                               dtype=str(self.storage_dtype).removeprefix("torch."), num_tokens=kv.block_size)
-        self._reader = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="promptstash-tier-reader")
+        self._reader = ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="promptstash-tier-reader",
+                                          initializer=lower_thread_priority)
         self._lock = threading.Lock()
         self._corrupt: dict[str, int] = {}  # tier name -> damaged entries found by load()
         self._loaded: dict[str, int] = {}  # tier name -> entries copied into the pool
@@ -112,7 +126,7 @@ class KVStore:
             log.warning("damaged KV entry %s from %s deleted (%s); recomputing", block_hash.hex(), tier, exc)
             self.chain.delete(block_hash)
             return None
-        block = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.storage_dtype)
+        block = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.storage_dtype)  # owns its bytes
         return block.view(self.meta.shape), tier
 
     # -- figures and shutdown --------------------------------------------------------------------
