@@ -246,4 +246,4 @@ def test_refused_write_when_protection_would_exceed_the_pool(tmp_path) -> None:
         metrics = httpx.get(srv.url + "/metrics").text
     assert out.usage.cache_creation_input_tokens == 0 and out.content  # the request itself succeeds
     assert stats["refused_writes"] == 1
-    assert "promptstash_cache_write_refused_total 1.0" in metrics
+    assert 'promptstash_cache_write_refused_total{tenant="local"} 1.0' in metrics

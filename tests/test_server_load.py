@@ -79,13 +79,14 @@ def test_32_concurrent_streams_complete_exactly_and_metrics_agree(server) -> Non
     prompt_tokens = sum(u.prompt_tokens for _, u in results)
     completion_tokens = sum(u.completion_tokens for _, u in results)
     assert stats["num_requests"] == 32
-    assert stats["prompt_tokens"] == prompt_tokens == metrics["promptstash_prompt_tokens_total"]
-    assert stats["cached_tokens"] == sum(cached) == metrics["promptstash_cached_tokens_total"]
-    assert stats["completion_tokens"] == completion_tokens == metrics["promptstash_generation_tokens_total"]
+    assert stats["prompt_tokens"] == prompt_tokens == metrics["promptstash_prompt_tokens_total[tenant=local]"]
+    assert stats["cached_tokens"] == sum(cached) == metrics["promptstash_cached_tokens_total[tenant=local]"]
+    generated = metrics["promptstash_generation_tokens_total[tenant=local]"]
+    assert stats["completion_tokens"] == completion_tokens == generated
     assert stats["hit_rate"] == pytest.approx(sum(cached) / prompt_tokens)
-    assert metrics["promptstash_time_to_first_token_seconds_count"] == 32
-    assert metrics["promptstash_e2e_request_latency_seconds_count"] == 32
-    assert metrics["promptstash_requests_total[finish_reason=length][route=chat]"] == 32
+    assert metrics["promptstash_time_to_first_token_seconds_count[tenant=local]"] == 32
+    assert metrics["promptstash_e2e_request_latency_seconds_count[tenant=local]"] == 32
+    assert metrics["promptstash_requests_total[finish_reason=length][route=chat][tenant=local]"] == 32
     assert metrics["promptstash_pool_blocks[state=used]"] == 0
     assert metrics["promptstash_pool_blocks[state=cached]"] == stats["pool"]["cached"] > 0
     assert stats["savings"]["openai_style"]["saved"] == pytest.approx(

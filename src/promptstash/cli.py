@@ -26,6 +26,8 @@ def _engine(args: argparse.Namespace):
         tiers = dict(kv_disk_dir=None if args.no_disk_cache else args.cache_dir,
                      kv_disk_bytes=_size(args.disk_cache_size), redis_url=args.redis_url,
                      kv_storage_dtype=args.kv_storage_dtype)
+        if args.tenant_max_running is not None:
+            tiers["tenant_max_running"] = args.tenant_max_running
     return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                                   kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.models_dir, **tiers,
                                   enable_prefix_caching=not args.no_prefix_caching,
@@ -66,16 +68,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _api_keys(args: argparse.Namespace) -> dict[str, str]:
-    """KEY or KEY:TENANT from --api-key, and one such entry per line of --api-keys-file ('#' comments)."""
+    """KEY or KEY:TENANT from --api-key, and one such entry per line of --api-keys-file ('#' comments).
+    Checked by promptstash.server.state.parse_api_keys (a key listed twice, reserved tenant names...)."""
+    from promptstash.server.state import APIKeyConfigError, parse_api_keys
+
     entries = list(args.api_key or [])
+    sources = [f"--api-key #{i + 1}" for i in range(len(entries))]
     if args.api_keys_file:
-        lines = Path(args.api_keys_file).read_text().splitlines()
-        entries += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    keys = {}
-    for i, entry in enumerate(entries):
-        key, _, tenant = entry.partition(":")
-        keys[key.strip()] = tenant.strip() or f"tenant{i}"
-    return keys
+        try:
+            lines = Path(args.api_keys_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise APIKeyConfigError(f"cannot read --api-keys-file {args.api_keys_file}: {exc}") from None
+        for number, line in enumerate(lines, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                entries.append(line.strip())
+                sources.append(f"{args.api_keys_file} line {number}")
+    return parse_api_keys(entries, sources)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -86,18 +94,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(
         host=args.host, port=args.port, served_model_name=args.served_model_name, api_keys=_api_keys(args),
+        admin_keys=tuple(args.admin_key or ()), metrics_key=args.metrics_key, metrics_port=args.metrics_port,
         min_cacheable_tokens=args.min_cacheable_tokens, max_queued_requests=args.max_queued_requests,
+        tenant_max_queued=args.tenant_max_queued, stream_idle_timeout_s=args.stream_idle_timeout,
         prices=PriceSheet(input_per_mtok=args.price_input, output_per_mtok=args.price_output),
     )
     print(f"promptstash: loading {args.model or 'the default model (Qwen2.5-Coder-0.5B-Instruct)'} ...",
           file=sys.stderr, flush=True)
     engine = _engine(args)
     app = create_app(engine, config)
-    auth = f"{len(config.api_keys)} API keys" if config.api_keys else "no auth (one local tenant)"
+    auth = (f"{len(config.api_keys or {})} API keys, {len(config.admin_keys)} admin keys"
+            if config.api_keys or config.admin_keys else "no auth (one local tenant)")
+    metrics = "/metrics" + (f", and http://{args.host}:{args.metrics_port}/metrics" if args.metrics_port else "")
+    pool_tokens = engine.stats().cache.usage.num_blocks * engine.config.block_size
     ready = (f"promptstash: serving {app.state.promptstash.model_name} "
-             f"({str(engine.model.dtype).removeprefix('torch.')}, "
-             f"{engine.cache.pool.num_blocks * engine.cache.block_size:,}-token KV pool, {auth}) "
-             f"at http://{args.host}:{args.port}/v1  (Anthropic: /v1/messages, metrics: /metrics)")
+             f"({str(engine.model.dtype).removeprefix('torch.')}, {pool_tokens:,}-token KV pool, {auth}) "
+             f"at http://{args.host}:{args.port}/v1  (Anthropic: /v1/messages, metrics: {metrics})")
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -174,10 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--served-model-name", default=None, help="model name in /v1/models (default: from the model)")
     s.add_argument("--api-key", action="append", metavar="KEY[:TENANT]",
                    help="accept this API key (repeatable); tenants never share cache. No keys: no auth")
-    s.add_argument("--api-keys-file", default=None, help="file with one KEY[:TENANT] per line")
+    s.add_argument("--api-keys-file", default=None, help="file with one KEY[:TENANT] per line ('#' comments)")
+    s.add_argument("--admin-key", action="append", metavar="KEY",
+                   help="sees every tenant's figures, the pool and the tiers (repeatable); tenant 'admin' on routes")
+    s.add_argument("--metrics-key", default=None, metavar="KEY", help="key for /metrics alone (Prometheus scraping)")
+    s.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="also serve /metrics alone, every figure and no key, on this port of --host (trusted networks)")
     s.add_argument("--min-cacheable-tokens", type=int, default=1024,
                    help="cache_control breakpoints on shorter prefixes write nothing")
     s.add_argument("--max-queued-requests", type=int, default=256, help="beyond this, 429 (OpenAI) / 529")
+    s.add_argument("--tenant-max-queued", type=int, default=0, metavar="N",
+                   help="unfinished requests per tenant beyond this get 429 / 529 (0 = no per-tenant limit)")
+    s.add_argument("--tenant-max-running", type=int, default=None, metavar="N",
+                   help="requests of one tenant computed at once (default: the engine's)")
+    s.add_argument("--stream-idle-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="abort a stream whose client has read nothing for this long (0 = never)")
     s.add_argument("--max-num-seqs", type=int, default=16, help="requests computed together")
     s.add_argument("--price-input", type=float, default=3.0, help="$ per million input tokens (cost estimates)")
     s.add_argument("--price-output", type=float, default=15.0, help="$ per million output tokens")

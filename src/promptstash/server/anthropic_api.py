@@ -9,7 +9,9 @@ Usage: `input_tokens` excludes tokens read from (`cache_read_input_tokens`) and 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,11 +20,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from promptstash.cache.manager import TTL_SECONDS
 from promptstash.engine.engine import Completion, Usage
 from promptstash.engine.sampling import SamplingParams
-from promptstash.server.app import ServerState, cache_namespace, wait_for_completion
+from promptstash.errors import ContextLengthError
 from promptstash.server.common import SSE_HEADERS, new_request_id, sse, submit
 from promptstash.server.errors import APIError
 from promptstash.server.prompts import ChatMessage, TextBlock, render
-from promptstash.server.validate import Body
+from promptstash.server.state import ServerState, cache_namespace, wait_for_completion
+from promptstash.server.validate import Body, parse_json_object
 
 MAX_BREAKPOINTS = 4
 TTLS = ("5m", "1h")
@@ -114,50 +117,72 @@ def _stop(completion: Completion) -> tuple[str, str | None]:
     raise APIError(500, f"generation failed (finish reason {completion.finish_reason!r})")
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    model: str
+    sampling: SamplingParams
+    stream: bool
+    namespace: str
+    token_ids: list[int]
+    breakpoints: list[tuple[int, str]]
+
+
+def _prepare(state: ServerState, raw: bytes, tenant: str) -> _Prepared:
+    """Body bytes -> what to submit: JSON, validation, the character cap, the chat template and the
+    tokenizer. Runs on a worker thread: none of it may hold up the event loop."""
+    body = Body(parse_json_object(raw, state.config.max_body_bytes))
+    model = body.str("model", required=True)
+    state.check_model(model)
+    max_tokens = body.int("max_tokens", required=True, min=0, max=state.engine.max_model_len)
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.num("temperature", 1.0, min=0.0, max=1.0),
+        top_p=max(body.num("top_p", 1.0, min=0.0, max=1.0), 1e-9),
+        top_k=body.int("top_k", 0, min=0),
+        stop=tuple(_stop_sequences(body)),
+    )
+    stream = body.bool("stream", False)
+    metadata = body.obj("metadata")
+    if metadata is not None:
+        metadata.str("user_id")
+    if body.data.get("tools"):
+        raise body.fail("tools", "tool use is not supported")
+    namespace = cache_namespace(tenant, body.str("cache_salt"))
+    messages = _messages(body)
+    state.check_prompt_chars(sum(len(b.text) for m in messages for b in m.blocks), "messages")
+    try:
+        prompt = render(state.engine.tokenizer, messages)
+    except ContextLengthError as exc:
+        raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    minimum = state.config.min_cacheable_tokens
+    breakpoints = [(n, ttl) for n, ttl in prompt.breakpoints if n >= minimum]
+    return _Prepared(model, sampling, stream, namespace, prompt.token_ids, breakpoints)
+
+
 def register(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/messages")
     async def messages(request: Request):
         tenant = state.tenant(request)
-        body = Body(await state.body(request))
-        model = body.str("model", required=True)
-        state.check_model(model)
-        max_tokens = body.int("max_tokens", required=True, min=0, max=state.engine.max_model_len)
-        sampling = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.num("temperature", 1.0, min=0.0, max=1.0),
-            top_p=max(body.num("top_p", 1.0, min=0.0, max=1.0), 1e-9),
-            top_k=body.int("top_k", 0, min=0),
-            stop=tuple(_stop_sequences(body)),
-        )
-        stream = body.bool("stream", False)
-        metadata = body.obj("metadata")
-        if metadata is not None:
-            metadata.str("user_id")
-        if body.data.get("tools"):
-            raise body.fail("tools", "tool use is not supported")
-        namespace = cache_namespace(tenant, body.str("cache_salt"))
-        try:
-            prompt = render(state.engine.tokenizer, _messages(body))
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        minimum = state.config.min_cacheable_tokens
-        breakpoints = [(n, ttl) for n, ttl in prompt.breakpoints if n >= minimum]
+        raw = await state.read_body(request)
+        p = await asyncio.to_thread(_prepare, state, raw, tenant)
         rid = new_request_id()
-        submission = await submit(state, prompt.token_ids, sampling, namespace, breakpoints=breakpoints,
-                                  overloaded_status=529, request_id=rid)
-        base = {"id": "msg_" + rid, "type": "message", "role": "assistant", "model": model}
+        submission = await submit(state, p.token_ids, p.sampling, p.namespace, tenant=tenant,
+                                  breakpoints=p.breakpoints, overloaded_status=529, request_id=rid)
+        base = {"id": "msg_" + rid, "type": "message", "role": "assistant", "model": p.model}
         headers = {"x-request-id": rid, "request-id": rid}
-        if not stream:
+        if not p.stream:
             completion = await wait_for_completion(submission, request)
             if completion is None:
                 return JSONResponse({}, status_code=499)  # the client has gone; nobody reads this
             stop_reason, stop_sequence = _stop(completion)
-            state.stats.record("messages", completion)
+            state.stats.record("messages", completion, tenant)
             content = [{"type": "text", "text": completion.text}] if completion.usage.completion_tokens else []
             return JSONResponse({**base, "content": content, "stop_reason": stop_reason,
                                  "stop_sequence": stop_sequence, "usage": usage_json(completion.usage)},
                                 headers=headers)
-        return StreamingResponse(_events(state, submission, base), media_type="text/event-stream",
+        return StreamingResponse(_events(state, submission, base, tenant), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **headers})
 
 
@@ -168,7 +193,7 @@ def _stop_sequences(body: Body) -> list[str]:
     return items
 
 
-async def _events(state: ServerState, submission, base: dict[str, Any]) -> AsyncIterator[str]:
+async def _events(state: ServerState, submission, base: dict[str, Any], tenant: str) -> AsyncIterator[str]:
     """message_start, content_block_start, content_block_delta*, content_block_stop, message_delta, message_stop.
 
     message_start waits for the first update, so its usage already holds the real cache read and write.
@@ -196,7 +221,7 @@ async def _events(state: ServerState, submission, base: dict[str, Any]) -> Async
         except APIError as exc:
             yield sse({"type": "error", "error": {"type": "api_error", "message": exc.message}}, "error")
             return
-        state.stats.record("messages", completion)
+        state.stats.record("messages", completion, tenant)
         if completion.usage.completion_tokens and not block_open:
             block_open = True
             yield sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},

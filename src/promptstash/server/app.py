@@ -1,17 +1,18 @@
-"""The ASGI app: shared state, auth, errors, and the non-model routes; the model routes live in
-openai_api.py and anthropic_api.py."""
+"""The ASGI app: errors, the non-model routes (/health, /v1/models, /metrics, /v1/cache/*, /dashboard) and the
+--metrics-port listener. The model routes live in openai_api.py and anthropic_api.py; the state they share
+(auth, tenants, namespaces, body limits) in state.py."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -19,96 +20,80 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promptstash.config import ServerConfig
-from promptstash.engine.engine import Completion, Engine
+from promptstash.engine.engine import Engine
+from promptstash.server import anthropic_api, openai_api
 from promptstash.server.dashboard import DASHBOARD_HTML
 from promptstash.server.errors import APIError, error_response
-from promptstash.server.loop import EngineLoop, Submission
+from promptstash.server.loop import EngineLoop
 from promptstash.server.metrics import ServerStats
 from promptstash.server.openapi import build_openapi
-from promptstash.server.validate import parse_json_object
+from promptstash.server.state import ServerState, model_name_for
 
 log = logging.getLogger("promptstash.server")
-LOCAL_TENANT = "local"
 
 
-@dataclass
-class ServerState:
-    engine: Engine
-    config: ServerConfig
-    loop: EngineLoop
-    stats: ServerStats
-    model_name: str
-    created: int
-
-    def model_names(self) -> set[str]:
-        return {self.model_name, self.engine.model_id, "default"}
-
-    def check_model(self, name: str, param: str = "model") -> None:
-        if name not in self.model_names():
-            raise APIError(404, f"model {name!r} not found; this server serves {self.model_name!r}",
-                           param=param, code="model_not_found")
-
-    def tenant(self, request: Request) -> str:
-        """The tenant of the request's API key (Authorization: Bearer KEY, or x-api-key: KEY)."""
-        keys = self.config.api_keys
-        if not keys:
-            return LOCAL_TENANT
-        given = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if given is None and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if not given:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
-                           code="invalid_api_key")
-        for key, tenant in keys.items():
-            if hmac.compare_digest(key.encode(), given.encode()):
-                return tenant
-        raise APIError(401, "invalid API key", code="invalid_api_key")
-
-    async def body(self, request: Request) -> dict[str, Any]:
-        return parse_json_object(await request.body(), self.config.max_body_bytes)
+def metrics_response(state: ServerState, tenant: str | None) -> Response:
+    """Prometheus text: every figure (tenant None), or one tenant's series of the per-request families."""
+    source = state.stats.registry if tenant is None else state.stats.tenant_view(tenant)
+    return Response(generate_latest(source), media_type=CONTENT_TYPE_LATEST)
 
 
-def cache_namespace(tenant: str, cache_salt: str | None) -> str:
-    """NOTE: the namespace is part of every block hash: tenants (and salts) never share blocks."""
-    return f"tenant={tenant}" + (f"|salt={cache_salt}" if cache_salt else "")
+class MetricsListener:
+    """--metrics-port: /metrics alone, every figure and no key, on a second socket (for scrapers inside a
+    trusted network), served by its own uvicorn server on its own thread, so a busy main loop never
+    delays a scrape."""
 
+    def __init__(self, state: ServerState, host: str, port: int) -> None:
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
-async def wait_for_completion(submission: Submission, request: Request) -> Completion | None:
-    """Wait for a non-streamed request; None (and the request aborted) if the client went away."""
-    try:
-        while not submission.finished:
-            if await submission.next_update(timeout=0.5) is None and await request.is_disconnected():
-                await submission.abort()
-                return None
-        return await submission.completion()
-    except BaseException:
-        await submission.abort()
-        raise
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return await asyncio.to_thread(metrics_response, state, None)
 
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    access_log=False, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="promptstash-metrics", daemon=True)
 
-def model_name_for(engine: Engine) -> str:
-    return engine.model_id.split("@", 1)[0]
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the metrics listener could not listen on {self.server.config.host}:"
+                                   f"{self.server.config.port} (is the port in use?)")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
-    """An app serving `engine`. The engine thread starts and stops with the app's lifespan."""
-    from promptstash.server import anthropic_api, openai_api
-
+    """An app serving `engine`. The engine thread (and the --metrics-port listener) start and stop with the
+    app's lifespan."""
     config = config or ServerConfig()
     state = ServerState(
-        engine=engine, config=config, loop=EngineLoop(engine, config.max_queued_requests),
+        engine=engine, config=config,
+        loop=EngineLoop(engine, max_queued_requests=config.max_queued_requests,
+                        tenant_max_queued=config.tenant_max_queued,
+                        stream_idle_timeout_s=config.stream_idle_timeout_s),
         stats=ServerStats(engine, config.prices),
         model_name=config.served_model_name or model_name_for(engine), created=int(time.time()),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        listener = None
+        if config.metrics_port is not None:
+            listener = MetricsListener(state, config.host, config.metrics_port)
+            await asyncio.to_thread(listener.start)
         state.loop.start()
         try:
             yield
         finally:
             state.loop.stop()
+            if listener is not None:
+                await asyncio.to_thread(listener.stop)
             engine.close(flush_timeout_s=30)  # queued tier writes reach disk / Redis before we exit
 
     app = FastAPI(title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
@@ -143,38 +128,45 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
                  "max_model_len": engine.max_model_len}
         return {"object": "list", "data": [entry]}
 
+    def scope(request: Request) -> str | None:
+        """Whose figures the caller may see: its tenant, or None (all) for an admin or the local tenant."""
+        caller = state.caller(request)
+        return None if caller.sees_all else caller.tenant
+
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(state.stats.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        """Every figure for an admin or the metrics key (or without keys); a tenant's own series for its key."""
+        caller = state.caller(request, metrics=True)
+        return await asyncio.to_thread(metrics_response, state, None if caller.sees_all else caller.tenant)
 
     @app.get("/v1/cache/stats")
-    async def cache_stats() -> JSONResponse:
-        return JSONResponse(state.stats.snapshot())
+    async def cache_stats(request: Request) -> JSONResponse:
+        return JSONResponse(await asyncio.to_thread(state.stats.snapshot, scope(request)))
 
     @app.get("/v1/cache/requests")
     async def recent_requests(request: Request, limit: int = 50) -> dict[str, Any]:
-        """This tenant's recent requests, newest first, with their cached / uncached split."""
-        tenant = state.tenant(request)
-        return {"data": state.stats.recent.recent(cache_namespace(tenant, None), max(1, min(limit, 500)))}
+        """This tenant's recent requests (an admin: everyone's), newest first, with their cached / uncached split."""
+        return {"data": state.stats.recent.recent(scope(request), max(1, min(limit, 500)))}
 
     @app.get("/v1/cache/requests/{request_id}/miss")
     async def why_miss(request: Request, request_id: str) -> dict[str, Any]:
         """Why did this request miss? Where its prompt first diverged from the closest earlier prompt."""
-        tenant = state.tenant(request)
-        report = state.stats.recent.divergence(request_id, cache_namespace(tenant, None))
+        who = scope(request)
+        report = await asyncio.to_thread(state.stats.recent.divergence, request_id, who)
         if report is None:
             raise APIError(404, f"no recent request {request_id!r} for this API key (the server keeps the last 512)")
         return report
 
     @app.get("/v1/cache/prefixes")
     async def top_prefixes(request: Request, limit: int = 10) -> dict[str, Any]:
-        tenant = state.tenant(request)
-        data = await asyncio.to_thread(state.stats.recent.top_prefixes, cache_namespace(tenant, None),
-                                       engine.locate_prefix, max(1, min(limit, 100)))
+        data = await asyncio.to_thread(state.stats.recent.top_prefixes, scope(request), engine.locate_prefix,
+                                       max(1, min(limit, 100)))
         return {"data": data}
 
     @app.get("/dashboard")
-    async def dashboard() -> Response:
+    async def dashboard(request: Request) -> Response:
+        """The page is static, but it is only served to a key holder (open it as /dashboard?key=KEY)."""
+        state.caller(request, query_key=True)
         return HTMLResponse(DASHBOARD_HTML)
 
     openai_api.register(app, state)

@@ -46,5 +46,7 @@ def error_body(error: APIError, anthropic: bool) -> dict[str, Any]:
 
 
 def error_response(error: APIError, path: str) -> JSONResponse:
-    headers = {"retry-after": "1"} if error.status in (429, 503, 529) else None
+    headers = {"retry-after": "1"} if error.status in (429, 503, 529) else {}
+    if error.status == 413:  # the unread rest of the body is not drained: the connection ends with the answer
+        headers["connection"] = "close"
     return JSONResponse(error_body(error, is_anthropic_path(path)), status_code=error.status, headers=headers)

@@ -1,17 +1,23 @@
-"""What the server reports: Prometheus metrics and the /v1/cache/stats totals, from one record() per response.
+"""What the server reports: Prometheus metrics and the /v1/cache/stats totals, from one record() per response,
+kept per tenant.
 
 NOTE: every counter is fed from the same usage object that the response carries, so /metrics and
-/v1/cache/stats always agree with the sum of the usage fields returned.
+/v1/cache/stats always agree with the sum of the usage fields returned. A tenant sees only its own
+figures (its totals; its series of the per-request families, labelled tenant=...); the pool, the tiers and
+the engine are shared by all tenants, so only an admin (or the metrics key, or the local tenant when no
+keys are configured) sees them. Engine figures come from engine.stats() and engine.config alone.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from promptstash.config import PriceSheet
 from promptstash.engine.engine import Completion, Engine
@@ -32,62 +38,124 @@ class Totals:
     computed_prompt_tokens: int = 0  # uncached prompt tokens of requests that computed some
     prefill_seconds: float = 0.0  # their time to first token
 
+    def copy(self) -> Totals:
+        return replace(self, cache_write_tokens=dict(self.cache_write_tokens))
+
+    def add(self, other: Totals) -> None:
+        for name in ("num_requests", "prompt_tokens", "cached_tokens", "completion_tokens", "num_refused_writes",
+                     "computed_prompt_tokens", "prefill_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for ttl, n in other.cache_write_tokens.items():
+            self.cache_write_tokens[ttl] = self.cache_write_tokens.get(ttl, 0) + n
+
+
+class TenantView:
+    """A collector over the per-request metrics that yields only one tenant's samples (for generate_latest)."""
+
+    def __init__(self, metrics: list[Counter | Histogram], tenant: str) -> None:
+        self._metrics = metrics
+        self._tenant = tenant
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._metrics:
+            for family in metric.collect():
+                mine = Metric(family.name, family.documentation, family.type, family.unit)
+                mine.samples = [s for s in family.samples if s.labels.get("tenant") == self._tenant]
+                yield mine
+
 
 class ServerStats:
     def __init__(self, engine: Engine, prices: PriceSheet) -> None:
         self.engine = engine
-        self.recent = RecentRequests(engine.tokenizer, engine.cache.block_size)
+        self.recent = RecentRequests(engine.tokenizer, engine.config.block_size)
         self.prices = prices
-        self.totals = Totals()
+        self.totals: dict[str, Totals] = {}  # per tenant
         self._lock = threading.Lock()
-        self.registry = CollectorRegistry()
+        self.registry = CollectorRegistry()  # every figure: what an admin, the metrics key and --metrics-port see
         r = self.registry
-        self.m_requests = Counter("promptstash_requests", "Finished requests", ["route", "finish_reason"],
+        self.m_requests = Counter("promptstash_requests", "Finished requests", ["route", "finish_reason", "tenant"],
                                   registry=r)
-        self.m_prompt = Counter("promptstash_prompt_tokens", "Prompt tokens (cache queries, in tokens)", registry=r)
-        self.m_cached = Counter("promptstash_cached_tokens", "Prompt tokens served from the cache (hits)",
+        self.m_prompt = Counter("promptstash_prompt_tokens", "Prompt tokens (cache queries, in tokens)", ["tenant"],
                                 registry=r)
-        self.m_generated = Counter("promptstash_generation_tokens", "Generated tokens", registry=r)
+        self.m_cached = Counter("promptstash_cached_tokens", "Prompt tokens served from the cache (hits)",
+                                ["tenant"], registry=r)
+        self.m_generated = Counter("promptstash_generation_tokens", "Generated tokens", ["tenant"], registry=r)
         self.m_written = Counter("promptstash_cache_write_tokens", "Prompt tokens written under a TTL class",
-                                 ["ttl"], registry=r)
+                                 ["ttl", "tenant"], registry=r)
         self.m_refused = Counter("promptstash_cache_write_refused", "Cache writes refused (protected blocks "
-                                 "would exceed the pool's cap)", registry=r)
-        self.m_ttft = Histogram("promptstash_time_to_first_token_seconds", "Time to first token",
+                                 "would exceed the pool's cap)", ["tenant"], registry=r)
+        self.m_ttft = Histogram("promptstash_time_to_first_token_seconds", "Time to first token", ["tenant"],
                                 buckets=LATENCY_BUCKETS, registry=r)
         self.m_e2e = Histogram("promptstash_e2e_request_latency_seconds", "End-to-end request latency",
-                               buckets=LATENCY_BUCKETS, registry=r)
+                               ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+        self._per_request = [self.m_requests, self.m_prompt, self.m_cached, self.m_generated, self.m_written,
+                             self.m_refused, self.m_ttft, self.m_e2e]
         r.register(_PoolCollector(engine))
 
-    def record(self, route: str, completion: Completion) -> None:
+    def tenant_view(self, tenant: str) -> TenantView:
+        """What /metrics shows a tenant's key: its own series of the per-request families, nothing shared."""
+        return TenantView(self._per_request, tenant)
+
+    def record(self, route: str, completion: Completion, tenant: str) -> None:
         u, t = completion.usage, completion.timings
-        self.recent.add(route, completion.request_id, completion)
+        self.recent.add(route, completion.request_id, completion, tenant)
         with self._lock:
-            tot = self.totals
+            tot = self.totals.setdefault(tenant, Totals())
             tot.num_requests += 1
             tot.prompt_tokens += u.prompt_tokens
             tot.cached_tokens += u.cached_tokens
             tot.completion_tokens += u.completion_tokens
             for ttl, n in u.cache_write_tokens.items():
                 tot.cache_write_tokens[ttl] = tot.cache_write_tokens.get(ttl, 0) + n
-                self.m_written.labels(ttl).inc(n)
+                self.m_written.labels(ttl, tenant).inc(n)
             tot.num_refused_writes += int(u.cache_write_refused)
             if u.prompt_tokens > u.cached_tokens:
                 tot.computed_prompt_tokens += u.prompt_tokens - u.cached_tokens
                 tot.prefill_seconds += t.ttft_s
-        self.m_requests.labels(route, completion.finish_reason).inc()
-        self.m_prompt.inc(u.prompt_tokens)
-        self.m_cached.inc(u.cached_tokens)
-        self.m_generated.inc(u.completion_tokens)
+        self.m_requests.labels(route, completion.finish_reason, tenant).inc()
+        self.m_prompt.labels(tenant).inc(u.prompt_tokens)
+        self.m_cached.labels(tenant).inc(u.cached_tokens)
+        self.m_generated.labels(tenant).inc(u.completion_tokens)
         if u.cache_write_refused:
-            self.m_refused.inc()
-        self.m_ttft.observe(t.ttft_s)
-        self.m_e2e.observe(t.total_s)
+            self.m_refused.labels(tenant).inc()
+        self.m_ttft.labels(tenant).observe(t.ttft_s)
+        self.m_e2e.labels(tenant).observe(t.total_s)
 
-    def snapshot(self) -> dict[str, Any]:
-        """The /v1/cache/stats document."""
+    def snapshot(self, tenant: str | None = None) -> dict[str, Any]:
+        """The /v1/cache/stats document: one tenant's totals, or (None) every tenant's with the per-tenant
+        split, the pool and the tiers."""
         with self._lock:
-            tot = replace(self.totals, cache_write_tokens=dict(self.totals.cache_write_tokens))
-        cache = self.engine.stats().cache
+            per_tenant = {name: tot.copy() for name, tot in self.totals.items()}
+        if tenant is not None:
+            doc = {"tenant": tenant, **self._totals_json(per_tenant.get(tenant, Totals()))}
+            return doc
+        everyone = Totals()
+        for tot in per_tenant.values():
+            everyone.add(tot)
+        stats = self.engine.stats()
+        cache = stats.cache
+        doc = self._totals_json(everyone)
+        doc["tenants"] = {name: {k: self._totals_json(tot)[k] for k in ("num_requests", "prompt_tokens",
+                                                                        "cached_tokens", "completion_tokens",
+                                                                        "hit_rate")}
+                          for name, tot in sorted(per_tenant.items())}
+        doc["pool"] = {
+            "num_blocks": cache.usage.num_blocks,
+            "block_size": self.engine.config.block_size,
+            "used": cache.usage.num_in_use,
+            "cached": cache.usage.num_cached,
+            "free": cache.usage.num_free,
+            "evictions": cache.num_evictions,
+            "protected_blocks": cache.num_protected_blocks,
+            "forced_expiries": cache.num_forced_expiries,
+        }
+        doc["requests"] = {"waiting": stats.num_waiting, "loading": stats.num_loading, "running": stats.num_running,
+                           "errors": stats.num_errors}
+        doc["tiers"] = [dict(t.__dict__) for t in stats.tiers]
+        doc["dropped_tier_writes"] = stats.num_dropped_tier_writes
+        return doc
+
+    def _totals_json(self, tot: Totals) -> dict[str, Any]:
         p = self.prices
         uncached = tot.prompt_tokens - tot.cached_tokens
         written = sum(tot.cache_write_tokens.values())
@@ -107,17 +175,6 @@ class ServerStats:
             "hit_rate": tot.cached_tokens / tot.prompt_tokens if tot.prompt_tokens else 0.0,
             "cache_write_tokens": tot.cache_write_tokens,
             "refused_writes": tot.num_refused_writes,
-            "pool": {
-                "num_blocks": cache.usage.num_blocks,
-                "block_size": self.engine.cache.block_size,
-                "used": cache.usage.num_in_use,
-                "cached": cache.usage.num_cached,
-                "free": cache.usage.num_free,
-                "evictions": cache.num_evictions,
-                "protected_blocks": cache.num_protected_blocks,
-                "forced_expiries": cache.num_forced_expiries,
-            },
-            "tiers": self._tiers(),
             "savings": {
                 "prefill_tokens_per_s": rate,
                 "prefill_seconds_saved": tot.cached_tokens / rate if rate else 0.0,
@@ -127,18 +184,6 @@ class ServerStats:
                 "openai_style": {"input_cost": openai, "saved": no_cache - openai},
             },
         }
-
-
-    def _tiers(self) -> list[dict[str, Any]]:
-        store = self.engine.kv_store
-        if store is None:
-            return []
-        out = []
-        for t in store.chain.stats():
-            row = dict(t.__dict__)
-            row["num_loaded_blocks"] = store.loaded_by_tier.get(t.name, 0)
-            out.append(row)
-        return out
 
 
 class _PoolCollector:
@@ -165,28 +210,29 @@ class _PoolCollector:
         yield CounterMetricFamily("promptstash_preemptions", "Requests preempted for lack of blocks",
                                   value=stats.num_preemptions)
         yield GaugeMetricFamily("promptstash_requests_unfinished", "Requests queued or running",
-                                value=self.engine.num_unfinished())
-        store = self.engine.kv_store
-        if store is None:
+                                value=stats.num_waiting + stats.num_loading + stats.num_running)
+        state = GaugeMetricFamily("promptstash_requests_by_state", "Unfinished requests by state", labels=["state"])
+        for name, value in (("waiting", stats.num_waiting), ("loading", stats.num_loading),
+                            ("running", stats.num_running)):
+            state.add_metric([name], value)
+        yield state
+        yield CounterMetricFamily("promptstash_request_errors", "Requests finished with an error",
+                                  value=stats.num_errors)
+        if not stats.tiers:
             return
-        tiers = store.chain.stats()
         gauges = {"num_entries": "Entries stored", "num_bytes": "Bytes stored"}
         counters = {"num_hits": "Lookups that hit", "num_misses": "Lookups that missed", "num_writes": "Writes",
                     "num_refused_writes": "Writes refused (size cap, disk full, read-only)",
                     "num_failed_writes": "Writes failed (backend error)", "num_failed_reads": "Reads failed",
                     "num_corrupt": "Damaged entries found and deleted", "num_expired": "Entries expired",
-                    "load_seconds": "Seconds spent reading hits"}
+                    "load_seconds": "Seconds spent reading hits",
+                    "num_loaded_blocks": "Blocks loaded into the pool"}
         for key, text in {**gauges, **counters}.items():
             name = "promptstash_tier_" + key.removeprefix("num_")
             cls = GaugeMetricFamily if key in gauges else CounterMetricFamily
             family = cls(name, text + ", per tier", labels=["tier"])
-            for t in tiers:
+            for t in stats.tiers:
                 family.add_metric([t.name], getattr(t, key))
             yield family
-        loaded = CounterMetricFamily("promptstash_tier_loaded_blocks", "Blocks loaded into the pool, per tier",
-                                     labels=["tier"])
-        for t in tiers:
-            loaded.add_metric([t.name], store.loaded_by_tier.get(t.name, 0))
-        yield loaded
         yield CounterMetricFamily("promptstash_tier_dropped_writes", "Tier writes dropped (write queue full)",
-                                  value=store.chain.num_dropped_writes)
+                                  value=stats.num_dropped_tier_writes)

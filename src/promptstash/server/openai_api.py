@@ -7,6 +7,7 @@ Usage: `prompt_tokens` includes cached tokens; `prompt_tokens_details.cached_tok
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -17,11 +18,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from promptstash.engine.engine import Completion, Prompt, Usage
 from promptstash.engine.sampling import SamplingParams
-from promptstash.server.app import ServerState, cache_namespace, wait_for_completion
+from promptstash.errors import ContextLengthError
 from promptstash.server.common import SSE_HEADERS, new_request_id, sse, submit
 from promptstash.server.errors import APIError
 from promptstash.server.prompts import ChatMessage, TextBlock, render
-from promptstash.server.validate import Body
+from promptstash.server.state import ServerState, cache_namespace, wait_for_completion
+from promptstash.server.validate import Body, parse_json_object
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 FINISH_REASONS = {"stop": "stop", "length": "length"}
@@ -34,6 +36,7 @@ class _Options:
     include_usage: bool
     sampling: SamplingParams
     namespace: str
+    tenant: str
     retention: str
     max_tokens_given: bool  # else the default, capped at what the context window leaves
 
@@ -73,7 +76,7 @@ def _options(state: ServerState, body: Body, tenant: str) -> _Options:
         ignore_eos=body.bool("ignore_eos", False),
     )
     salt = body.str("cache_salt")
-    return _Options(model, stream, include_usage, sampling, cache_namespace(tenant, salt), retention,
+    return _Options(model, stream, include_usage, sampling, cache_namespace(tenant, salt), tenant, retention,
                     max_tokens is not None)
 
 
@@ -141,33 +144,57 @@ def _finish_reason(completion: Completion) -> str:
     return FINISH_REASONS[completion.finish_reason]
 
 
+def _prepare_chat(state: ServerState, raw: bytes, tenant: str) -> tuple[_Options, list[int]]:
+    """Body bytes -> options and prompt tokens: JSON, validation, the character cap, the chat template and
+    the tokenizer. Runs on a worker thread: none of it may hold up the event loop."""
+    body = Body(parse_json_object(raw, state.config.max_body_bytes))
+    opts = _options(state, body, tenant)
+    messages = _chat_messages(body)
+    state.check_prompt_chars(sum(len(b.text) for m in messages for b in m.blocks), "messages")
+    try:
+        return opts, render(state.engine.tokenizer, messages).token_ids
+    except ContextLengthError as exc:
+        raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+
+
+def _prepare_completion(state: ServerState, raw: bytes, tenant: str) -> tuple[_Options, list[int]]:
+    """As _prepare_chat, for /v1/completions (a text prompt or token ids)."""
+    body = Body(parse_json_object(raw, state.config.max_body_bytes))
+    opts = _options(state, body, tenant)
+    if body.bool("echo", False):
+        raise body.fail("echo", "echo is not supported")
+    if body.str("suffix"):
+        raise body.fail("suffix", "suffix is not supported")
+    if body.int("best_of", 1) != 1:
+        raise body.fail("best_of", "only best_of=1 is supported")
+    prompt = _completion_prompt(body)
+    if not isinstance(prompt, str):
+        return opts, list(prompt)
+    state.check_prompt_chars(len(prompt), "prompt")
+    try:
+        return opts, state.engine.tokenize(prompt)
+    except ContextLengthError as exc:
+        raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from None
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="prompt") from None
+
+
 def register(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         tenant = state.tenant(request)
-        body = Body(await state.body(request))
-        opts = _options(state, body, tenant)
-        try:
-            prompt = render(state.engine.tokenizer, _chat_messages(body))
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        return await _respond(state, request, "chat", prompt.token_ids, opts)
+        raw = await state.read_body(request)
+        opts, token_ids = await asyncio.to_thread(_prepare_chat, state, raw, tenant)
+        return await _respond(state, request, "chat", token_ids, opts)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         tenant = state.tenant(request)
-        body = Body(await state.body(request))
-        opts = _options(state, body, tenant)
-        if body.bool("echo", False):
-            raise body.fail("echo", "echo is not supported")
-        if body.str("suffix"):
-            raise body.fail("suffix", "suffix is not supported")
-        if body.int("best_of", 1) != 1:
-            raise body.fail("best_of", "only best_of=1 is supported")
-        prompt = _completion_prompt(body)
-        if isinstance(prompt, str):
-            prompt = state.engine.tokenize(prompt)
-        return await _respond(state, request, "text", list(prompt), opts)
+        raw = await state.read_body(request)
+        opts, token_ids = await asyncio.to_thread(_prepare_completion, state, raw, tenant)
+        return await _respond(state, request, "text", token_ids, opts)
 
 
 async def _respond(state: ServerState, request: Request, kind: str, token_ids: list[int], opts: _Options):
@@ -176,8 +203,8 @@ async def _respond(state: ServerState, request: Request, kind: str, token_ids: l
         room = max(1, state.engine.max_model_len - len(token_ids))
         opts = replace(opts, sampling=replace(opts.sampling, max_tokens=min(opts.sampling.max_tokens, room)))
     rid = new_request_id()
-    submission = await submit(state, token_ids, opts.sampling, opts.namespace, breakpoints=breakpoints,
-                              request_id=rid)
+    submission = await submit(state, token_ids, opts.sampling, opts.namespace, tenant=opts.tenant,
+                              breakpoints=breakpoints, request_id=rid)
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     obj = "chat.completion" if kind == "chat" else "text_completion"
     created = int(time.time())
@@ -188,7 +215,7 @@ async def _respond(state: ServerState, request: Request, kind: str, token_ids: l
         completion = await wait_for_completion(submission, request)
         if completion is None:
             return JSONResponse({}, status_code=499)  # the client has gone; nobody reads this
-        state.stats.record(kind, completion)
+        state.stats.record(kind, completion, opts.tenant)
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": completion.text, "refusal": None},
                       "logprobs": None, "finish_reason": _finish_reason(completion)}
@@ -223,7 +250,7 @@ async def _respond(state: ServerState, request: Request, kind: str, token_ids: l
                 yield sse({"error": {"message": f"generation failed ({reason})", "type": "server_error",
                                      "param": None, "code": None}})
                 return
-            state.stats.record(kind, completion)
+            state.stats.record(kind, completion, opts.tenant)
             yield chunk(None, FINISH_REASONS[reason])
             if opts.include_usage:
                 yield sse({**base, "object": chunk_obj, "choices": [], "usage": usage_json(completion.usage)})

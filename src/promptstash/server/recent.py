@@ -1,4 +1,4 @@
-"""Recent requests, per tenant namespace: the dashboard's request list, its top cached prefixes, and
+"""Recent requests, per tenant: the dashboard's request list, its top cached prefixes, and
 "why did this miss?" — where a prompt first diverged from the closest earlier prompt.
 
     earlier:  [ system prompt ........ | "Today is 2026-11-27" | question ]
@@ -25,7 +25,8 @@ CONTEXT_TOKENS = 24  # tokens of text shown on each side of a divergence
 class RecentRequest:
     request_id: str
     route: str
-    namespace: str
+    tenant: str
+    namespace: str  # the cache namespace (tenant and cache_salt): only requests in one namespace share blocks
     prompt_token_ids: tuple[int, ...]
     prompt_tokens: int
     cached_tokens: int
@@ -49,37 +50,37 @@ class RecentRequests:
         self._items: deque[RecentRequest] = deque(maxlen=max_requests)
         self._lock = threading.Lock()
 
-    def add(self, route: str, request_id: str, completion: Completion) -> None:
+    def add(self, route: str, request_id: str, completion: Completion, tenant: str) -> None:
         u = completion.usage
-        item = RecentRequest(request_id, route, completion.namespace, completion.prompt_token_ids, u.prompt_tokens,
-                             u.cached_tokens, u.completion_tokens, completion.timings.ttft_s, time.time())
+        item = RecentRequest(request_id, route, tenant, completion.namespace, completion.prompt_token_ids,
+                             u.prompt_tokens, u.cached_tokens, u.completion_tokens, completion.timings.ttft_s,
+                             time.time())
         with self._lock:
             self._items.append(item)
 
-    def _snapshot(self, tenant_namespace: str | None) -> list[RecentRequest]:
-        """Requests of one tenant (its namespace, with or without a cache_salt), or of all (None)."""
-        t = tenant_namespace
+    def _snapshot(self, tenant: str | None) -> list[RecentRequest]:
+        """Requests of one tenant (whatever their cache_salt), or of all (None)."""
         with self._lock:
-            return [r for r in self._items if t is None or r.namespace == t or r.namespace.startswith(t + "|")]
+            return [r for r in self._items if tenant is None or r.tenant == tenant]
 
     def _text(self, ids: tuple[int, ...]) -> str:
         if self.tokenizer is None:
             return " ".join(map(str, ids))
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
-    def recent(self, namespace: str | None, limit: int = 50) -> list[dict[str, Any]]:
+    def recent(self, tenant: str | None, limit: int = 50) -> list[dict[str, Any]]:
         """The newest requests first, with their cached / uncached split."""
         return [{"request_id": r.request_id, "route": r.route, "prompt_tokens": r.prompt_tokens,
                  "cached_tokens": r.cached_tokens, "uncached_tokens": r.prompt_tokens - r.cached_tokens,
                  "completion_tokens": r.completion_tokens, "ttft_s": r.ttft_s, "finished_at": r.finished_at}
-                for r in reversed(self._snapshot(namespace)[-limit:])]
+                for r in reversed(self._snapshot(tenant)[-limit:])]
 
-    def top_prefixes(self, namespace: str | None, locate: Callable[[tuple[int, ...], str], tuple] | None = None,
+    def top_prefixes(self, tenant: str | None, locate: Callable[[tuple[int, ...], str], tuple] | None = None,
                      limit: int = 10) -> list[dict[str, Any]]:
         """Prefixes that served hits, grouped by their first block: first tokens, size, hits; where they are now
         (locate(token_ids, namespace) -> (tier, ttl_class))."""
         groups: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
-        for r in self._snapshot(namespace):
+        for r in self._snapshot(tenant):
             if r.cached_tokens < self.block_size:
                 continue
             key = (r.namespace, r.prompt_token_ids[:self.block_size])
@@ -96,9 +97,9 @@ class RecentRequests:
             g["tier"], g["ttl_class"] = locate(ids, ns) if locate is not None else (None, None)
         return top
 
-    def divergence(self, request_id: str, namespace: str | None) -> dict[str, Any] | None:
+    def divergence(self, request_id: str, tenant: str | None) -> dict[str, Any] | None:
         """Why did this request miss (fully or partly)? None if the id is unknown (to this tenant)."""
-        items = self._snapshot(namespace)
+        items = self._snapshot(tenant)
         index = next((i for i, r in enumerate(items) if r.request_id == request_id), None)
         if index is None:
             return None
