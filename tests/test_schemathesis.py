@@ -110,14 +110,6 @@ def _adjust(case, max_model_len: int) -> None:
         value = body.get(field)
         if _number(value) and MAX_TOKENS < value <= max_model_len and float(value).is_integer():
             body[field] = MAX_TOKENS
-    # TODO(server): remove once /v1/completions takes token ids written as integral floats ([147.0, 38]), as
-    # Body.int does for every other integer field. JSON Schema cannot tell 147.0 from 147 (both are integers),
-    # so a schema-valid prompt gets "prompt: expected ... token ids"; until then they are sent as ints.
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        prompt[:] = [int(t) if isinstance(t, float) and t.is_integer() else t for t in prompt]
 
 
 def _error_message(response) -> str:

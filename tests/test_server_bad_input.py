@@ -585,3 +585,12 @@ def test_openai_default_max_tokens_is_capped_by_what_the_window_leaves(small) ->
     data = assert_ok(post(small, "/v1/chat/completions", body), "/v1/chat/completions")
     assert data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"] <= 256
     assert data["choices"][0]["finish_reason"] == "length"
+
+
+def test_completion_token_ids_written_as_integral_floats_are_token_ids(server) -> None:
+    """Found by schemathesis: JSON Schema counts 147.0 as an integer, and so does every other integer field."""
+    as_floats = post(server, TEXT, {"model": MODEL, "prompt": [5.0, 6.0, 7.0], "max_tokens": 2, "temperature": 0})
+    as_ints = post(server, TEXT, {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0})
+    assert as_floats.status_code == 200, as_floats.text
+    assert as_floats.json()["choices"][0]["text"] == as_ints.json()["choices"][0]["text"]
+    assert_error(post(server, TEXT, {"model": MODEL, "prompt": [5.5, 6], "max_tokens": 2}), TEXT, 400, "token ids")

@@ -112,6 +112,11 @@ def _chat_messages(body: Body) -> list[ChatMessage]:
     return messages
 
 
+def _integral(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+
+
 def _completion_prompt(body: Body) -> Prompt:
     prompt = body.data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
@@ -120,8 +125,8 @@ def _completion_prompt(body: Body) -> Prompt:
         if not prompt:
             raise body.fail("prompt", "must not be empty")
         return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
+    if isinstance(prompt, list) and prompt and all(_integral(t) for t in prompt):
+        return [int(t) for t in prompt]  # 147.0 is 147, as for every other integer field (Body.int)
     if prompt is None:
         raise body.fail("prompt", "field required")
     raise body.fail("prompt", "expected a non-empty string or array of token ids (one prompt per request)")
