@@ -440,9 +440,6 @@ def test_a_slow_tier_load_does_not_stall_running_streams_or_the_stats_routes(tmp
         srv.engine.check_integrity()
 
 
-@pytest.mark.xfail(strict=True, reason="the engine has one tier-loader thread (Engine._loader, max_workers=1) and "
-                                       "every new request goes through it, so a request arriving while another "
-                                       "prefix loads from a slow tier waits for that whole load")
 def test_a_slow_tier_load_does_not_hold_up_a_new_request(tmp_path) -> None:
     body = body_for(TEXT, LONG_PROMPT, max_tokens=4, temperature=0.0, ignore_eos=True)
     _prime_disk(tmp_path, body)

@@ -49,6 +49,7 @@ __all__ = ["DEFAULT_NAMESPACE", "Completion", "Engine", "EngineStats", "Prompt",
 
 log = logging.getLogger("promptstash.engine")
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+LOADER_THREADS = 4
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
 
@@ -140,7 +141,9 @@ class Engine:
         self._num_generated_tokens = 0
         self._num_steps = 0
         self._num_errors = 0
-        self._loader = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptstash-tier-loader",
+        # NOTE: several loaders, so that a slow load does not hold up requests arriving behind it; two loads
+        # of the same blocks are harmless (finish_load keeps the first published copy).
+        self._loader = (ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="promptstash-tier-loader",
                                            initializer=lower_thread_priority) if self.kv_store is not None else None)
 
     def _make_store(self, model_id: str, kv_layout: str) -> KVStore | None:

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from promptstash.config import ServerConfig
 from promptstash.engine.engine import Engine
@@ -99,6 +100,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.promptstash = state
     app.openapi = lambda: build_openapi(app)  # adds the model routes' bodies, status codes and keys (openapi.py)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client hung up mid-body: nobody reads this, nothing to log
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:

@@ -253,6 +253,6 @@ class EngineLoop:
         return submission
 
     def abort(self, request_id: str) -> None:
+        """NOTE: the submission stays tracked until check() sees its request finished, so that check() never
+        takes a request aborted meanwhile for an orphan."""
         self.engine.abort(request_id)
-        with self._lock:
-            self._submissions.pop(request_id, None)
