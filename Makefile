@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch==2.13.0 takes the machine's local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup serve test bench lint generate clean redis browser
+.PHONY: setup serve test test-quick bench soak lint generate clean redis browser
 
 setup: $(STAMP)
 
@@ -31,15 +31,27 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; the dashboard test will skip"
 
+# Every test, slow ones included (real model, server subprocesses, Chromium, 1,000-request runs); each test
+# has a 120 s deadline (pyproject.toml), so a hang fails one test instead of stalling the run.
 test: setup redis browser
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
+
+# A quick loop while editing: everything but the tests marked slow.
+test-quick: setup
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest -q -m 'not slow'
 
 bench: setup redis
 	$(VENV)/bin/promptstash bench prefix --out benchmarks/results
 	$(VENV)/bin/promptstash bench tiers --out benchmarks/results
 	for w in rag system-prompt chat trace; do $(VENV)/bin/promptstash bench $$w --out benchmarks/results || exit 1; done
 	$(VENV)/bin/promptstash bench summary --out benchmarks/results
+
+# Ten minutes against a real server subprocess: streaming clients, disconnects, hostile bodies, a Redis
+# restart and a kill -9 of the server; fails if any acceptance check does (see benchmarks/results/soak.md).
+soak: setup redis
+	$(VENV)/bin/promptstash bench soak --out benchmarks/results
 
 generate: setup
 	$(VENV)/bin/promptstash generate "What is the capital of France?"

@@ -16,6 +16,8 @@ try:
 except workloads.DataNotFoundError as exc:
     pytest.skip(f"workload data absent: {exc}", allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # whole workload runs
+
 OPTS = {"num_requests": 6, "concurrency": 2, "max_tokens": 2, "k": 2, "scale": 64, "text_chars": 120}
 
 

@@ -49,6 +49,7 @@ def text_of(dom: str, element_id: str) -> str:
     return html.unescape(match.group(1))
 
 
+@pytest.mark.slow  # headless Chromium
 def test_dashboard_in_headless_chromium_shows_the_live_figures(server) -> None:
     shared = "hello world, this is a tiny corpus. " * 30
     ids = [complete(server, shared + q).headers["x-request-id"] for q in ("one", "two", "three")]

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pytest
 from conftest import tiny_engine
 
 from promptstash.cache.manager import CacheManager
@@ -182,6 +183,7 @@ def _chunk(rng: random.Random, s: SimSeq, bs: int) -> int:
     return s.prompt_len if end >= s.prompt_len or left <= bs else end
 
 
+@pytest.mark.slow
 def test_cache_manager_1000_random_requests_keep_integrity_and_leak_no_block() -> None:
     t0 = time.perf_counter()
     rng = random.Random(SIM_SEED)
@@ -267,6 +269,8 @@ def test_cache_manager_1000_random_requests_keep_integrity_and_leak_no_block() -
 ENGINE_OPTIONS = dict(block_size=4, kv_cache_tokens=256, max_num_seqs=4, max_prefill_tokens=16)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # ~40 s on 2 busy cores
 def test_engine_1000_random_requests_with_aborts_keep_integrity_and_match_uncached_outputs() -> None:
     rng = random.Random(ENGINE_SEED)
     engine = tiny_engine("qwen2", **ENGINE_OPTIONS)

@@ -6,7 +6,7 @@ import pytest
 
 from promptstash.config import EngineConfig
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.timeout(600)]  # up to ~100 s each here
 
 from real_model_helpers import SYSTEM, engines  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest
 from promptstash.models.loader import DEFAULT_GGUF_SHA256, MARKER_NAME, SUPPORTED_ARCHITECTURES, resolve_model
 from promptstash.models.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

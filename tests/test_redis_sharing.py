@@ -109,6 +109,7 @@ def test_unreachable_redis_at_start_costs_nothing_but_a_counted_failure(weights,
     engine.close()
 
 
+@pytest.mark.slow  # waits out real reconnect back-offs
 def test_redis_going_away_mid_run_keeps_requests_succeeding_and_it_reconnects(weights, redis_server, tmp_path) -> None:
     engine = redis_engine(weights, redis_server.url, disk_dir=tmp_path)
     engine.generate(PROMPT, max_tokens=1)

@@ -15,6 +15,8 @@ import pytest
 from redis_helpers import free_port
 from test_hf_directory import _save_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # server subprocesses
+
 PROMPT = "hello world, this is a tiny corpus. " * 40
 
 

@@ -11,7 +11,7 @@ from server_helpers import LiveServer
 
 from promptstash.config import ServerConfig
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.timeout(600)]  # up to ~100 s each here
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.workload in ("rag", "chat", "system-prompt", "trace"):
         return _bench_workload(args)
+    if args.workload == "soak":
+        from promptstash.bench import soak
+
+        start = time.perf_counter()
+        res = soak.run(duration=args.duration, clients=args.clients, disconnect_fraction=args.disconnect_fraction,
+                       model=args.model, tiny=args.tiny, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+        js, md = soak.write(res, Path(args.out))
+        print(soak.to_markdown(res))
+        print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        return 0 if res["passed"] else 1
     from promptstash.bench import prefix, tiers
 
     start = time.perf_counter()
@@ -163,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          model=args.model, baseline=not args.no_baseline)
     else:
         print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
-              "summary", file=sys.stderr)
+              "soak, summary", file=sys.stderr)
         return 2
     js, md = module.write(res, Path(args.out))
     print(module.to_markdown(res))
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of stored KV entries (auto = the pool's, exact; bfloat16 halves fp32 bytes)")
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
-    b.add_argument("workload", help="prefix | tiers | rag | chat | system-prompt | trace")
+    b.add_argument("workload", help="prefix | tiers | rag | chat | system-prompt | trace | soak | summary")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
@@ -234,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--redis-url", default=None, help="tiers: an existing Redis (default: start a local one)")
     b.add_argument("--kv-storage-dtype", default="auto", help="tiers: dtype of stored entries")
     b.add_argument("--no-redis", action="store_true", help="tiers: skip the Redis tier")
+    b.add_argument("--duration", type=float, default=600.0, help="soak: seconds of load")
+    b.add_argument("--clients", type=int, default=48, help="soak: concurrent streaming clients")
+    b.add_argument("--disconnect-fraction", type=float, default=0.2, help="soak: streams closed mid-stream")
+    b.add_argument("--tiny", action="store_true",
+                   help="soak: a tiny random-weight model with the default tokenizer (a quick run)")
+    b.add_argument("--seed", type=int, default=0, help="soak: seed of the request mix")
     args = parser.parse_args(argv)
     from promptstash.errors import PromptstashError
 
