@@ -155,15 +155,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         start = time.perf_counter()
         res = soak.run(duration=args.duration, clients=args.clients, disconnect_fraction=args.disconnect_fraction,
-                       model=args.model, tiny=args.tiny, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+                       model=args.model, tiny=args.tiny, seed=args.seed,
+                       dtype="float32" if args.dtype == "auto" else args.dtype, log=lambda m: print(m, file=sys.stderr))
         js, md = soak.write(res, Path(args.out))
         print(soak.to_markdown(res))
         print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
         return 0 if res["passed"] else 1
-    from promptstash.bench import prefix, tiers
+    from promptstash.bench import prefix, tenants, tiers
 
     start = time.perf_counter()
-    if args.workload == "tiers":
+    if args.workload == "tenants":
+        module = tenants
+        res = tenants.run(model=args.model, trials=args.trials)
+    elif args.workload == "tiers":
         module = tiers
         res = tiers.run(prefix_lens=args.tier_prefix_lens, model=args.model, redis_url=args.redis_url,
                         storage_dtype=args.kv_storage_dtype, use_redis=not args.no_redis)
@@ -173,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          model=args.model, baseline=not args.no_baseline)
     else:
         print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
-              "soak, summary", file=sys.stderr)
+              "soak, tenants, summary", file=sys.stderr)
         return 2
     js, md = module.write(res, Path(args.out))
     print(module.to_markdown(res))
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
     b.add_argument("--throughput-lens", type=int, nargs="+", default=[512, 2048])
     b.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    b.add_argument("--dtype", default="auto", help="workloads (in-process): model dtype")
+    b.add_argument("--dtype", default="auto", help="workloads (in-process) and soak (default float32): model dtype")
     b.add_argument("--url", default=None, help="workloads: an OpenAI-compatible server (default: in-process)")
     b.add_argument("--api-key", default=None, help="workloads: API key for --url")
     b.add_argument("--requests", type=int, default=20, help="workloads: number of requests")
@@ -244,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--redis-url", default=None, help="tiers: an existing Redis (default: start a local one)")
     b.add_argument("--kv-storage-dtype", default="auto", help="tiers: dtype of stored entries")
     b.add_argument("--no-redis", action="store_true", help="tiers: skip the Redis tier")
+    b.add_argument("--trials", type=int, default=5, help="tenants: documents probed")
     b.add_argument("--duration", type=float, default=600.0, help="soak: seconds of load")
     b.add_argument("--clients", type=int, default=48, help="soak: concurrent streaming clients")
     b.add_argument("--disconnect-fraction", type=float, default=0.2, help="soak: streams closed mid-stream")

@@ -754,19 +754,21 @@ def write(res: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 
 
 def run(duration: float = 600.0, clients: int = 48, disconnect_fraction: float = 0.2, model: str | None = None,
-        tiny: bool = False, seed: int = 0, log=print) -> dict[str, Any]:
-    """Run the soak; returns {"setup", "figures", "checks", "passed", "events", "golden", "rss"}."""
+        tiny: bool = False, seed: int = 0, dtype: str = "float32", log=print) -> dict[str, Any]:
+    """Run the soak; returns {"setup", "figures", "checks", "passed", "events", "golden", "rss"}.
+
+    dtype: the server's. float32 by default: only float32 keeps greedy output independent of how requests
+    are batched together, which the golden check relies on (in bfloat16 a near-tie can flip)."""
     if duration <= 0 or clients <= 0 or not 0 <= disconnect_fraction <= 1:
         raise ValueError("need duration > 0, clients > 0 and 0 <= disconnect fraction <= 1")
     work = Path(tempfile.mkdtemp(prefix="promptstash-soak-"))
     redis_proc = RedisProcess(work / "redis")
     server: ServerProcess | None = None
     try:
-        extra: list[str] = []
+        extra: list[str] = ["--dtype", dtype]
         if tiny:
             log("building a tiny random-weight model with the default tokenizer ...")
             model = str(make_tiny_model(work / "tiny-model"))
-            extra = ["--dtype", "float32"]
         redis_proc.start()
         server = ServerProcess(work, redis_proc.url, model, extra)
         log(f"starting the server on {server.url} (Redis {redis_proc.url}, cache {work / 'kv'}) ...")
@@ -780,7 +782,7 @@ def run(duration: float = 600.0, clients: int = 48, disconnect_fraction: float =
         figures, checks = evaluate(soak)
         passed = all(c["ok"] is not False for c in checks.values())
         setup = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": model or "default (Qwen2.5-Coder-0.5B-Instruct)",
-                 "tiny": tiny, "duration_s": duration, "clients": clients,
+                 "tiny": tiny, "dtype": dtype, "duration_s": duration, "clients": clients,
                  "disconnect_fraction": disconnect_fraction, "seed": seed, "warmup_s": warmup_s,
                  "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}"}
         text = server.log_path.read_text(errors="replace") if server.log_path.exists() else ""

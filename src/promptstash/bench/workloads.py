@@ -304,18 +304,19 @@ def run_engine(engine: Engine, requests: Sequence[BenchRequest], *, mode: str, c
         while pending and len(inflight) < max(1, concurrency):
             i, req = pending.popleft()
             inflight[engine.add_request(req.prompt, params, namespace=namespace)] = (i, time.perf_counter() - t0)
-        updates = engine.step()
+        if not engine.run_step().num_scheduled:
+            engine.wait_for_work(0.005)
         peak = max(peak, engine.stats().cache.usage.num_in_use)
-        for update in updates:
-            if update.finished and update.request_id in inflight:
-                i, start = inflight.pop(update.request_id)
-                c = engine.completion(update.request_id)
-                records.append(RequestRecord(i, c.usage.prompt_tokens, c.usage.cached_tokens,
-                                             c.usage.completion_tokens, c.timings.ttft_s, c.timings.total_s,
-                                             start, time.perf_counter() - t0))
-                bar.update()
+        unfinished = engine.unfinished_ids()  # NOTE: not the step's updates: another thread may step it too
+        for rid in [r for r in inflight if r not in unfinished]:
+            i, start = inflight.pop(rid)
+            c = engine.completion(rid)
+            records.append(RequestRecord(i, c.usage.prompt_tokens, c.usage.cached_tokens,
+                                         c.usage.completion_tokens, c.timings.ttft_s, c.timings.total_s,
+                                         start, time.perf_counter() - t0))
+            bar.update()
     bar.close()
-    bs = engine.cache.block_size
+    bs = engine.config.block_size
     return RunData(mode, records, time.perf_counter() - t0, peak, bs, engine.kv.bytes_per_token * bs)
 
 
