@@ -8,13 +8,12 @@ route (OpenAI or Anthropic), never a 500, and the server keeps serving with its 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any
 
 import httpx
 import pytest
-from server_helpers import LiveServer, tiny_chat_engine
+from server_helpers import LiveServer, no_errors_logged, tiny_chat_engine
 
 from promptstash.config import ServerConfig
 
@@ -64,28 +63,11 @@ def queued(tmp_path_factory):
         yield srv
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture(autouse=True)
 def no_internal_errors():
-    """No test may make the server log an internal error (a 500, an exception escaping the app, a failed step)."""
-    handler = _Records()
-    loggers = [logging.getLogger(name) for name in ("promptstash.server", "uvicorn.error")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-    assert not handler.records, [r.getMessage() for r in handler.records]
+    """No test may make the server log an error (a 500, an exception escaping the app, a failed step)."""
+    with no_errors_logged("promptstash.server", "uvicorn.error") as handler:
+        yield handler
 
 
 # ---------------------------------------------------------------------------------------------- helpers

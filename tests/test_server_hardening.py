@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 import socket
 import threading
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import LiveServer, tiny_chat_engine
+from server_helpers import LiveServer, no_errors_logged, tiny_chat_engine
 
 from promptstash.cache.hashing import extend_hashes, root_hash
 from promptstash.cache.tiers.disk import DiskTier
@@ -41,28 +40,11 @@ TINY_TEMPERATURES = (1e-300, 1e-45, 1e-39, 5e-324)
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture(autouse=True)
 def no_internal_errors():
     """No test may make the server log an error (a 500, an exception escaping the app, a failed step)."""
-    handler = _Records()
-    loggers = [logging.getLogger(name) for name in ("promptstash.server", "promptstash.engine", "uvicorn.error")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
+    with no_errors_logged("promptstash.server", "promptstash.engine", "uvicorn.error") as handler:
         yield handler
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-    assert not handler.records, [r.getMessage() for r in handler.records]
 
 
 @pytest.fixture(scope="module")
