@@ -280,3 +280,19 @@ def test_read_only_cache_directory_refuses_writes_without_raising(tmp_path) -> N
         assert tier.get(H) is None and tier.stats().num_refused_writes == 1
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+def test_bfloat16_pool_blocks_load_from_disk_bit_exactly(tmp_path) -> None:
+    """Loads copy bfloat16 entries into the pool as raw 16-bit words: the logits equal a pool hit's exactly."""
+    weights = our_model(tiny_hf_model("qwen2"), dtype=torch.bfloat16)
+    config = EngineConfig(dtype="bfloat16", max_prefill_tokens=64, kv_cache_tokens=2048, kv_disk_dir=str(tmp_path))
+    first = Engine(weights, None, config, "tiny-bf16")
+    first.generate(PROMPT, max_tokens=1)
+    pool_hit = first.prompt_logits(PROMPT + [1, 2])
+    first.close()
+    second = Engine(weights, None, config, "tiny-bf16")
+    from_disk = second.prompt_logits(PROMPT + [1, 2])
+    assert pool_hit.num_cached_tokens == from_disk.num_cached_tokens == 288
+    assert second.stats().tiers[0].num_loaded_blocks == 18
+    assert torch.equal(pool_hit.logits, from_disk.logits)
+    second.close()

@@ -148,7 +148,7 @@ def run(prefix_lens=(2048, 8192), model: str | None = None, dtype: str = "auto",
 def decode_during_load(make_engine: Any, redis_url: str, prefix_len: int, rng: random.Random, vocab: int,
                        num_running: int = 4, repeats: int = 5) -> dict[str, Any]:
     """Decode tokens/s of `num_running` requests before and while another request's prefix_len-token prefix
-    loads from Redis into an empty pool (median over `repeats` fresh engines).
+    loads from Redis into an empty pool (median over `repeats` fresh engines, after one warm-up run).
 
     A step thread drives the engine as the server's loop does; each decode step's wall time is recorded.
     Rate = num_running / mean duration of the decode steps that lie wholly inside the window.
@@ -158,7 +158,7 @@ def decode_during_load(make_engine: Any, redis_url: str, prefix_len: int, rng: r
     writer.generate(prefix, max_tokens=1)
     writer.close()
     runs = []
-    for _ in range(repeats):
+    for repeat in range(repeats + 1):  # the first run warms up (allocator, page faults, Redis) and is not kept
         eng = make_engine(redis_url=redis_url)
         steps: list[tuple[float, float]] = []
         stop = threading.Event()
@@ -202,6 +202,8 @@ def decode_during_load(make_engine: Any, redis_url: str, prefix_len: int, rng: r
 
         base, n_base = rate(base_start, base_end)
         during, n_during = rate(load_start, load_end)
+        if not repeat:
+            continue
         runs.append({"load_s": load_end - load_start, "cached_tokens": out.usage.cached_tokens,
                      "decode_tok_s_before": base, "decode_tok_s_during": during,
                      "steps_before": n_base, "steps_during": n_during})

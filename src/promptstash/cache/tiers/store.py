@@ -44,6 +44,13 @@ def lower_thread_priority() -> None:
         pass
 
 
+def _numpy_views(*tensors: torch.Tensor) -> tuple | None:
+    """numpy views of CPU tensors (bfloat16 as int16: the same bytes), or None if one is not on the CPU."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    return tuple((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for t in tensors)
+
+
 class KVTensors(Protocol):
     """The pool's K/V storage: k and v are [layers, num_blocks * block_size, kv_heads, head_dim]."""
 
@@ -93,6 +100,7 @@ class KVStore:
     def load(self, items: Sequence[tuple[bytes, int]]) -> int:
         # NOTE: up to PREFETCH entries are being read (by the reader threads) while one is verified and copied
         pending = deque(self._reader.submit(self._fetch, h) for h, _ in items[:PREFETCH])
+        pool = _numpy_views(self.kv.k, self.kv.v)
         num = 0
         for i, (_, block_id) in enumerate(items):
             found = pending.popleft().result()
@@ -101,10 +109,18 @@ class KVStore:
             if found is None:
                 break
             block, tier = found
-            block = block.to(device=self.kv.k.device, dtype=self.kv.k.dtype)
             s = self._slots(block_id)
-            self.kv.k[:, s] = block[0]
-            self.kv.v[:, s] = block[1]
+            if pool is not None and block.dtype == self.kv.k.dtype:
+                # NOTE: a numpy copy runs on this thread alone; a torch copy here would start an OpenMP team
+                # of this thread's own, whose spinning workers compete with the decode step (measured: the
+                # decode of running requests slowed 12-22% during an 8,192-token load, against 7%).
+                (b,) = _numpy_views(block)
+                pool[0][:, s] = b[0]
+                pool[1][:, s] = b[1]
+            else:
+                block = block.to(device=self.kv.k.device, dtype=self.kv.k.dtype)
+                self.kv.k[:, s] = block[0]
+                self.kv.v[:, s] = block[1]
             with self._lock:
                 self._loaded[tier] = self._loaded.get(tier, 0) + 1
             num += 1
