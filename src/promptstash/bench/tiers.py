@@ -179,15 +179,16 @@ def decode_during_load(make_engine: Any, redis_url: str, prefix_len: int, rng: r
         thread.start()
         while eng.stats().num_generated_tokens < num_running * 4:  # past prefill, decoding
             time.sleep(0.01)
+        # NOTE: both windows poll the same lock-free counter at the same rate, so the poll costs both alike
         base_start = time.perf_counter()
-        time.sleep(3.0)
+        while time.perf_counter() - base_start < 3.0:
+            eng.num_loading()
+            time.sleep(0.005)
         base_end = time.perf_counter()
         loader = eng.add_request(prefix + random_tokens(rng, SUFFIX_LEN, vocab), SamplingParams(max_tokens=1))
         load_start = time.perf_counter()
-        while not eng.stats().num_loading:
-            time.sleep(0.0005)
-        while eng.stats().num_loading:
-            time.sleep(0.001)
+        while eng.num_loading():
+            time.sleep(0.005)
         load_end = time.perf_counter()
         stop.set()
         thread.join()

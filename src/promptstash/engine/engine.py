@@ -310,6 +310,14 @@ class Engine:
         """Requests added and not yet finished (of one tenant, if given). Lock-free: cheap anywhere."""
         return self._num_unfinished if tenant is None else self._unfinished_by_tenant.get(tenant, 0)
 
+    def _computing(self) -> bool:
+        """Requests are being computed now (lock-free; for tier loads to yield to them)."""
+        return bool(self.scheduler.running)
+
+    def num_loading(self) -> int:
+        """Requests whose prefix is being loaded from the tiers now. Lock-free."""
+        return self._num_loading
+
     def unfinished_ids(self) -> set[str]:
         with self._lock:
             return set(self._requests)
@@ -342,7 +350,7 @@ class Engine:
                     if reservation is not None:
                         num_loaded = 0
                         try:
-                            num_loaded = self.kv_store.load(reservation.items)
+                            num_loaded = self.kv_store.load(reservation.items, busy=self._computing)
                         finally:
                             with self._lock:
                                 self.cache.finish_load(reservation, num_loaded)

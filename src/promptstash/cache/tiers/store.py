@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Protocol
@@ -29,6 +29,9 @@ from promptstash.cache.ttl import TTL_SECONDS
 
 log = logging.getLogger("promptstash.tiers")
 PREFETCH = 8  # entries read ahead of the one being copied into the pool
+# While other requests are being computed, a load works at most this share of its time: its reads and copies
+# compete with their decode steps for cores and memory bandwidth (measured in `bench tiers`).
+LOAD_DUTY_CYCLE = 0.25
 READER_THREADS = 2  # measured best on 2 cores (4 threads: 0.38 s, 2: 0.24 s for 512 Redis blocks)
 
 
@@ -97,12 +100,16 @@ class KVStore:
     def num_leading(self, block_hashes: list[bytes]) -> int:
         return self.chain.num_leading(block_hashes)
 
-    def load(self, items: Sequence[tuple[bytes, int]]) -> int:
+    def load(self, items: Sequence[tuple[bytes, int]], busy: Callable[[], bool] = lambda: False) -> int:
+        """Fill reserved pool blocks from the tiers, in order; returns how many leading items were loaded (it
+        stops at the first miss or damaged entry). While busy() is true (other requests are being computed),
+        the load yields: after each block it pauses for as long as the block took (LOAD_DUTY_CYCLE)."""
         # NOTE: up to PREFETCH entries are being read (by the reader threads) while one is verified and copied
         pending = deque(self._reader.submit(self._fetch, h) for h, _ in items[:PREFETCH])
         pool = _numpy_views(self.kv.k, self.kv.v)
         num = 0
         for i, (_, block_id) in enumerate(items):
+            started = time.perf_counter()
             found = pending.popleft().result()
             if i + PREFETCH < len(items):
                 pending.append(self._reader.submit(self._fetch, items[i + PREFETCH][0]))
@@ -124,6 +131,8 @@ class KVStore:
             with self._lock:
                 self._loaded[tier] = self._loaded.get(tier, 0) + 1
             num += 1
+            if busy():
+                time.sleep((time.perf_counter() - started) * (1 / LOAD_DUTY_CYCLE - 1))
         for future in pending:
             future.cancel()
         return num
