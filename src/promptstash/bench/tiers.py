@@ -146,12 +146,13 @@ def run(prefix_lens=(2048, 8192), model: str | None = None, dtype: str = "auto",
 
 
 def decode_during_load(make_engine: Any, redis_url: str, prefix_len: int, rng: random.Random, vocab: int,
-                       num_running: int = 4, repeats: int = 5) -> dict[str, Any]:
+                       num_running: int = 4, repeats: int = 7) -> dict[str, Any]:
     """Decode tokens/s of `num_running` requests before and while another request's prefix_len-token prefix
     loads from Redis into an empty pool (median over `repeats` fresh engines, after one warm-up run).
 
     A step thread drives the engine as the server's loop does; each decode step's wall time is recorded.
-    Rate = num_running / mean duration of the decode steps that lie wholly inside the window.
+    Rate = num_running / median duration of the decode steps that lie wholly inside the window (the median:
+    with no load at all, two 3-second windows of the same run differ by up to 15% in their mean).
     """
     prefix = random_tokens(rng, prefix_len, vocab)
     writer = make_engine(redis_url=redis_url)
@@ -199,7 +200,7 @@ def decode_during_load(make_engine: Any, redis_url: str, prefix_len: int, rng: r
 
         def rate(lo: float, hi: float, steps: list = steps) -> tuple[float | None, int]:
             inside = [b - a for a, b in steps if a >= lo and b <= hi]
-            return (num_running / statistics.mean(inside) if inside else None), len(inside)
+            return (num_running / statistics.median(inside) if inside else None), len(inside)
 
         base, n_base = rate(base_start, base_end)
         during, n_during = rate(load_start, load_end)
@@ -243,7 +244,7 @@ def to_markdown(res: TierResults) -> str:
             f"## Decode while a {d['prefix_len']:,}-token prefix loads from Redis",
             "",
             f"{d['num_running']} requests decode while another request's prefix loads from Redis into an empty pool "
-            "(tier reads run on the loader thread, off the engine lock). Decode tok/s = requests / mean step time.",
+            "(tier reads run on the loader threads, off the engine lock). Decode tok/s = requests / median step time.",
             "",
             "| run | load time | cached tokens | decode tok/s before | during the load | during / before |",
             "|---:|---:|---:|---:|---:|---:|",
