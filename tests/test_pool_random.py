@@ -318,7 +318,7 @@ def test_engine_1000_random_requests_with_aborts_keep_integrity_and_match_uncach
             collect(rid)
 
     assert not engine.has_unfinished()
-    assert engine._requests == {}
+    assert engine.unfinished_ids() == set() and engine.num_unfinished() == 0
     stats = engine.stats()
     assert stats.cache.usage.num_in_use == 0
     assert stats.cache.usage.num_free + stats.cache.usage.num_cached == stats.cache.usage.num_blocks
