@@ -178,6 +178,19 @@ class LlamaModel:
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
+    def move_keys(self, k: torch.Tensor, shift: int) -> torch.Tensor:
+        """Keys written at positions i, as if they had been written at positions i + shift.
+
+        k: [..., H_kv, D] post-RoPE keys. RoPE rotates each frequency pair by position x frequency, and
+        rotations compose: R(i + shift) k = R(shift) R(i) k. The frequencies already hold any scaling
+        (linear, llama3), so one rotation by `shift` moves every key. The angle is computed in float64.
+        Values carry no position and need no change.
+        """
+        freqs = float(shift) * self.inv_freq.double()  # [D / 2]
+        emb = torch.cat((freqs, freqs))  # [D]
+        cos, sin = emb.cos().to(k.dtype), emb.sin().to(k.dtype)
+        return k * cos + _rotate_half(k) * sin
+
     def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One query token over its whole context: [H_q, D] x [ctx, H_kv, D] -> [H_q, D].
 
