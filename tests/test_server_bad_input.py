@@ -576,3 +576,10 @@ def test_completion_token_ids_written_as_integral_floats_are_token_ids(server) -
     assert as_floats.status_code == 200, as_floats.text
     assert as_floats.json()["choices"][0]["text"] == as_ints.json()["choices"][0]["text"]
     assert_error(post(server, TEXT, {"model": MODEL, "prompt": [5.5, 6], "max_tokens": 2}), TEXT, 400, "token ids")
+
+
+def test_a_bad_max_tokens_is_refused_even_beside_max_completion_tokens(server) -> None:
+    """Found by schemathesis: max_tokens went unchecked whenever max_completion_tokens was given."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0,
+            "max_tokens": {"": []}}
+    assert_error(post(server, CHAT, body), CHAT, 400, "max_tokens", param="max_tokens")

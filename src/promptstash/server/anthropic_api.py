@@ -203,7 +203,7 @@ async def _events(state: ServerState, submission, base: dict[str, Any], tenant: 
         async for update in submission.updates():
             if not started:
                 started = True
-                usage = usage_json(await submission.usage())
+                usage = usage_json(submission.usage())
                 usage["output_tokens"] = 0
                 yield sse({"type": "message_start", "message": {**base, "content": [], "stop_reason": None,
                                                                 "stop_sequence": None, "usage": usage}},

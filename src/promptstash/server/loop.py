@@ -90,10 +90,11 @@ class Submission:
             return None
         return self._took(update)
 
-    async def usage(self) -> Usage:
-        """Usage as of the first update (cached and written tokens are known by then)."""
+    def usage(self) -> Usage:
+        """Usage as of the first update, which always carries it (cached and written tokens are known by
+        then). NOTE: only after an update was taken: a detached request may already be gone from the engine."""
         if self._usage is None:
-            return await asyncio.to_thread(self._loop.engine.usage, self.request_id)
+            raise RuntimeError(f"request {self.request_id}: usage() before its first update")
         return self._usage
 
     async def completion(self) -> Completion:

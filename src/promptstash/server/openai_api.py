@@ -63,9 +63,10 @@ def _options(state: ServerState, body: Body, tenant: str) -> _Options:
     stream_options = body.obj("stream_options")
     include_usage = bool(stream_options and stream_options.bool("include_usage", False))
     limit = state.engine.max_model_len
+    legacy = body.int("max_tokens", None, min=0, max=limit)  # checked even when the newer field wins
     max_tokens = body.int("max_completion_tokens", None, min=0, max=limit)
     if max_tokens is None:
-        max_tokens = body.int("max_tokens", None, min=0, max=limit)
+        max_tokens = legacy
     sampling = SamplingParams(
         max_tokens=state.config.default_max_tokens if max_tokens is None else max_tokens,
         temperature=body.num("temperature", 1.0, min=0.0, max=2.0),
