@@ -15,6 +15,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn reuse off (for comparisons)")
+    p.add_argument("--module-repair", default="legolink",
+                   help="modules: what is recomputed where cached modules are assembled, unless a request says: "
+                        "none | legolink[:K] | cacheblend[:R] | full")
     p.add_argument("--models-dir", default=None, help="where converted models live (default ~/.cache/promptstash)")
 
 
@@ -30,7 +33,7 @@ def _engine(args: argparse.Namespace):
             tiers["tenant_max_running"] = args.tenant_max_running
     return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                                   kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.models_dir, **tiers,
-                                  enable_prefix_caching=not args.no_prefix_caching,
+                                  enable_prefix_caching=not args.no_prefix_caching, module_repair=args.module_repair,
                                   max_num_seqs=getattr(args, "max_num_seqs", 16))
 
 
@@ -150,6 +153,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.workload in ("rag", "chat", "system-prompt", "trace"):
         return _bench_workload(args)
+    if args.workload == "modules":
+        from promptstash.bench import modules as bench_modules
+
+        start = time.perf_counter()
+        res = bench_modules.run(args, log=lambda m: print(m, file=sys.stderr))
+        js, md = bench_modules.write(res, Path(args.out))
+        print(bench_modules.to_markdown(res))
+        print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        return 0
     if args.workload == "soak":
         from promptstash.bench import soak
 
@@ -177,7 +189,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          model=args.model, baseline=not args.no_baseline)
     else:
         print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
-              "soak, tenants, summary", file=sys.stderr)
+              "modules, soak, tenants, summary", file=sys.stderr)
         return 2
     js, md = module.write(res, Path(args.out))
     print(module.to_markdown(res))
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of stored KV entries (auto = the pool's, exact; bfloat16 halves fp32 bytes)")
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
-    b.add_argument("workload", help="prefix | tiers | rag | chat | system-prompt | trace | soak | summary")
+    b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | soak | summary")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
@@ -255,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--tiny", action="store_true",
                    help="soak: a tiny random-weight model with the default tokenizer (a quick run)")
     b.add_argument("--seed", type=int, default=0, help="soak: seed of the request mix")
+    b.add_argument("--questions", type=int, default=None, help="modules: questions per workload")
+    b.add_argument("--strategies", nargs="+", default=None,
+                   help="modules: repair strategies to compare (default: prefix none legolink:16 legolink:32 "
+                        "cacheblend:0.1 cacheblend:0.15 cacheblend:0.3 full)")
     args = parser.parse_args(argv)
     from promptstash.errors import PromptstashError
 

@@ -55,6 +55,8 @@ class EngineConfig:
     redis_url: str | None = None  # e.g. redis://127.0.0.1:6379/0
     redis_ttl_s: float | None = 3600.0  # expiry of unprotected blocks in Redis (protected: their TTL class)
     kv_storage_dtype: str = "auto"  # dtype of stored entries; "auto" = the pool's (exact reuse)
+    # modules: what is recomputed where cached modules are assembled (none | legolink[:K] | cacheblend[:R] | full)
+    module_repair: str = "legolink"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -70,6 +72,9 @@ class EngineConfig:
         if self.kv_storage_dtype != "auto" and self.kv_storage_dtype not in DTYPES:
             raise InvalidRequestError(f"kv_storage_dtype must be 'auto' or one of {', '.join(DTYPES)}, "
                                       f"got {self.kv_storage_dtype!r}")
+        from promptstash.cache.modules import ModuleRepair
+
+        ModuleRepair.parse(self.module_repair)
         if not 0.0 <= self.max_protected_fraction <= 1.0:
             raise InvalidRequestError(f"max_protected_fraction must be in [0, 1], got {self.max_protected_fraction}")
         if self.max_prefill_tokens % self.block_size:

@@ -41,3 +41,33 @@ def extend_hashes(hashes: list[bytes], root: bytes, token_ids: Sequence[int], bl
     for j in range(len(hashes), len(token_ids) // block_size):
         parent = hashes[j - 1] if j else root
         hashes.append(block_hash(parent, token_ids[j * block_size:(j + 1) * block_size]))
+
+
+MODULE_KIND = "module"
+
+
+def module_root_hash(model_id: str, kv_layout: str, namespace: str) -> bytes:
+    """The parent of a module's first block: a prefix root with a fifth part, "module".
+
+    NOTE: a module's K/V are computed in isolation from position 0, so they differ from the same tokens'
+    K/V as a prompt prefix; the distinct root keeps the two apart in every index and tier.
+    """
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    for part in (HASH_VERSION, model_id, kv_layout, namespace, MODULE_KIND):
+        data = part.encode()
+        h.update(len(data).to_bytes(4, "little"))
+        h.update(data)
+    return h.digest()
+
+
+def module_hashes(root: bytes, token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """Hashes of a module's blocks: every full block, then its partial tail block if it has one.
+
+    A tail block's hash covers fewer tokens than a full block's, so it never equals a full block's hash.
+    """
+    hashes: list[bytes] = []
+    extend_hashes(hashes, root, token_ids, block_size)
+    tail = len(token_ids) % block_size
+    if tail:
+        hashes.append(block_hash(hashes[-1] if hashes else root, token_ids[len(token_ids) - tail:]))
+    return hashes

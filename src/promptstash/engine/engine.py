@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from promptstash.cache.manager import CacheManager, CacheStats
+from promptstash.cache.modules import ModuleRegistry, ModuleRepair, ModuleSpan, RegisteredModule
 from promptstash.cache.tiers.base import TierStats
 from promptstash.cache.tiers.store import KVStore, lower_thread_priority
 from promptstash.config import DTYPES, EngineConfig
@@ -43,9 +44,10 @@ from promptstash.engine.scheduler import ScheduledChunk, Scheduler
 from promptstash.errors import ContextLengthError, InvalidRequestError
 from promptstash.models.config import ModelConfig
 from promptstash.models.llama import KVCache, LlamaModel
+from promptstash.prompts import ChatMessage, RenderedPrompt, chat_messages, render
 
-__all__ = ["DEFAULT_NAMESPACE", "Completion", "Engine", "EngineStats", "Prompt", "PromptLogits", "RequestUpdate",
-           "StepResult", "Timings", "Usage"]
+__all__ = ["DEFAULT_NAMESPACE", "Completion", "Engine", "EngineStats", "ModuleRepair", "ModuleSpan", "ModuleStats",
+           "Prompt", "PromptLogits", "RegisteredModule", "RequestUpdate", "StepResult", "Timings", "Usage"]
 
 log = logging.getLogger("promptstash.engine")
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
@@ -59,6 +61,26 @@ class PromptLogits:
 
     logits: torch.Tensor  # [prompt_len - num_cached_tokens, V] float32; row i predicts token num_cached + i + 1
     num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    """Module (position-independent) reuse since start, and what the pool holds now."""
+
+    num_lookups: int = 0  # module spans looked up in the cache
+    num_hits: int = 0  # of those, found (in the pool, or loaded from a tier)
+    num_tier_hits: int = 0  # of the hits, loaded from a tier
+    num_reused_tokens: int = 0  # module tokens reused and not recomputed
+    num_recomputed_tokens: int = 0  # module tokens reused but recomputed by repair
+    num_stored: int = 0  # modules computed in isolation and stored
+    num_cached: int = 0  # distinct modules whose blocks are all in the pool now
+    num_blocks: int = 0  # pool blocks held by modules now
+    num_bytes: int = 0  # K/V bytes of those blocks
+    num_registered: int = 0  # modules in the registry (/v1/modules), all tenants
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hits / self.num_lookups if self.num_lookups else 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +100,7 @@ class EngineStats:
     num_errors: int = 0  # requests finished with an error (a failed step, sampling or post-processing)
     tiers: tuple[TierStats, ...] = ()  # per tier, in lookup order (disk, then Redis)
     num_dropped_tier_writes: int = 0  # tier writes dropped because the write queue was full
+    modules: ModuleStats = ModuleStats()
 
     @property
     def hit_rate(self) -> float:
@@ -127,6 +150,8 @@ class Engine:
         if tokenizer is not None:  # end-of-text markers that some converted checkpoints leave out of eos_token_id
             marks = (tokenizer.token_to_id(t) for t in END_OF_TEXT_TOKENS)
             self.eos_token_ids |= {i for i in marks if i is not None}
+        self.modules = ModuleRegistry()
+        self.default_module_repair = ModuleRepair.parse(config.module_repair)
         self._requests: dict[str, Request] = {}  # unfinished requests
         self._results: dict[str, Completion] = {}  # finished, not detached, completion() not yet taken
         self._ids = itertools.count()
@@ -233,6 +258,66 @@ class Engine:
             return items
         raise InvalidRequestError("prompt must be a string, a list of token ids or a list of chat messages")
 
+    def render(self, messages: Sequence[dict[str, Any]] | Sequence[ChatMessage], namespace: str = DEFAULT_NAMESPACE
+               ) -> RenderedPrompt:
+        """Chat messages -> token ids, cache breakpoints and module spans. Messages are ChatMessages or
+        OpenAI-style dicts whose content parts may be `{"type": "text", "text": ..., "module": true}` or
+        `{"type": "module", "id": ...}` (a module registered in `namespace`)."""
+        items = list(messages)
+        if not items:
+            raise InvalidRequestError("prompt is empty")
+        msgs = items if all(isinstance(m, ChatMessage) for m in items) else chat_messages(items)
+        self.check_prompt_chars(sum(len(b.text) for m in msgs for b in m.blocks))
+        return render(self._require_tokenizer(), msgs, lambda module_id: self._resolve_module(namespace, module_id))
+
+    def _resolve_module(self, namespace: str, module_id: str) -> RegisteredModule:
+        module = self.modules.get(namespace, module_id)
+        if module is None:
+            raise InvalidRequestError(f"unknown module id {module_id!r} (register it with POST /v1/modules or "
+                                      "Engine.register_module; modules expire after their TTL)")
+        return module
+
+    def prepare_module(self, text: str, *, namespace: str = DEFAULT_NAMESPACE, module_id: str | None = None,
+                       ttl: str = "5m") -> tuple[RegisteredModule, list[int], tuple[ModuleSpan, ...]]:
+        """Tokenize and register a module; returns it, and the prompt and module span that precompute it:
+        add_request(token_ids, SamplingParams(max_tokens=0), modules=spans, module_repair="none")."""
+        if not isinstance(text, str) or not text:
+            raise InvalidRequestError("a module's text must be a non-empty string")
+        if module_id is not None:
+            ModuleRegistry.check_id(module_id)
+        self.check_prompt_chars(len(text))
+        token_ids = self._require_tokenizer().encode(text, add_special_tokens=False)
+        self.check_module_len(len(token_ids))
+        module = self.modules.put(namespace, text, tuple(token_ids), module_id=module_id, ttl_class=ttl)
+        return module, token_ids, (ModuleSpan(0, len(token_ids), module.module_id, module.ttl_class),)
+
+    def check_module_len(self, num_tokens: int) -> None:
+        """Raise ContextLengthError for a module that cannot fit the context window or the pool."""
+        if num_tokens > self.max_model_len:
+            raise ContextLengthError(f"module has {num_tokens} tokens; the context window is {self.max_model_len}")
+        if 2 * num_tokens > self.cache.num_pool_tokens:
+            raise ContextLengthError(f"module has {num_tokens} tokens; computing and storing it needs twice that "
+                                     f"in the KV pool, which holds {self.cache.num_pool_tokens} tokens")
+
+    def register_module(self, text: str, *, namespace: str = DEFAULT_NAMESPACE, module_id: str | None = None,
+                        ttl: str = "5m") -> RegisteredModule:
+        """Precompute a module and register it under an id (Python API; runs the engine until it is stored)."""
+        module, token_ids, spans = self.prepare_module(text, namespace=namespace, module_id=module_id, ttl=ttl)
+        rid = self.add_request(token_ids, SamplingParams(max_tokens=0), namespace=namespace, modules=spans,
+                               module_repair="none")
+        completion = self.run_until_done([rid])[0]
+        if completion.finish_reason == "error":
+            self.modules.delete(namespace, module.module_id)
+            raise InvalidRequestError(f"computing the module failed: {completion.error}")
+        return module
+
+    def list_modules(self, namespace: str = DEFAULT_NAMESPACE) -> list[RegisteredModule]:
+        return self.modules.list(namespace)
+
+    def delete_module(self, module_id: str, namespace: str = DEFAULT_NAMESPACE) -> bool:
+        """Forget a registered module (its cached blocks age out of the pool like any others)."""
+        return self.modules.delete(namespace, module_id)
+
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise InvalidRequestError("this engine has no tokenizer: pass token ids")
@@ -242,7 +327,8 @@ class Engine:
                     namespace: str = DEFAULT_NAMESPACE, tenant: str | None = None, request_id: str | None = None,
                     on_update: Callable[[RequestUpdate], None] | None = None,
                     want_prompt_logits: bool = False, detach: bool = False,
-                    cache_breakpoints: Sequence[tuple[int, str]] = ()) -> str:
+                    cache_breakpoints: Sequence[tuple[int, str]] = (), modules: Sequence[ModuleSpan] = (),
+                    module_repair: str | ModuleRepair | None = None) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError / ContextLengthError up front.
 
         namespace: the cache namespace (part of every block hash); tenant: who the request counts against
@@ -251,10 +337,21 @@ class Engine:
         update only, and completion() will not know the request.
         cache_breakpoints: (prefix_len, ttl_class) pairs; once the prompt is computed, the full blocks of
         each prefix are protected from eviction for that TTL class (see CacheManager.protect).
+        modules: spans of token ids that are modules (chat messages bring their own, from parts marked
+        `"module": true` or `{"type": "module", "id": ...}`); module_repair: what is recomputed where they
+        are assembled (default: the engine's `module_repair`); see cache/modules.py.
         """
         sampling = sampling or SamplingParams()
-        token_ids = self.tokenize(prompt)
+        repair = self.default_module_repair if module_repair is None else ModuleRepair.parse(module_repair)
+        items = None if isinstance(prompt, str) else list(prompt)
+        if items and all(isinstance(m, dict | ChatMessage) for m in items):
+            rendered = self.render(items, namespace)
+            token_ids = rendered.token_ids
+            modules = tuple(modules) or rendered.modules
+        else:
+            token_ids = self.tokenize(prompt)
         prompt_len = len(token_ids)
+        modules = self._check_modules(tuple(modules), prompt_len, sampling.max_tokens)
         if prompt_len > self.max_model_len:
             raise ContextLengthError(
                 f"prompt has {prompt_len} tokens; the context window is {self.max_model_len} tokens"
@@ -270,6 +367,12 @@ class Engine:
                 f"prompt ({prompt_len} tokens) + max_tokens ({sampling.max_tokens}) needs more KV than the "
                 f"pool holds ({pool_tokens} tokens); raise kv_cache_tokens"
             )
+        module_tokens = sum(-(-m.num_tokens // self.cache.block_size) * self.cache.block_size for m in modules)
+        if modules and prompt_len + sampling.max_tokens + module_tokens > pool_tokens:
+            raise ContextLengthError(
+                f"the prompt ({prompt_len} tokens) + max_tokens ({sampling.max_tokens}) + its {len(modules)} modules' "
+                f"own blocks ({module_tokens} tokens) need more KV than the pool holds ({pool_tokens} tokens): use "
+                "fewer or shorter modules, or raise kv_cache_tokens")
         decoder = self.tokenizer.incremental_decoder() if self.tokenizer is not None else _NoTextDecoder()
         with self._lock:
             rid = request_id or f"req-{next(self._ids)}"
@@ -283,6 +386,7 @@ class Engine:
                 generator=make_generator(sampling.seed, self.model.device),
                 on_update=on_update, want_prompt_logits=want_prompt_logits, detach=detach,
                 cache_breakpoints=tuple((min(n, prompt_len), c) for n, c in cache_breakpoints),
+                modules=modules if self.config.enable_prefix_caching else (), module_repair=repair,
             )
             self._requests[rid] = request
             self._num_unfinished += 1
@@ -295,6 +399,24 @@ class Engine:
                 self.scheduler.add(request)
         self._wake.set()
         return rid
+
+    def _check_modules(self, modules: tuple[ModuleSpan, ...], prompt_len: int, max_tokens: int
+                       ) -> tuple[ModuleSpan, ...]:
+        """Module spans in order, inside the prompt, not overlapping; the last prompt token (whose logits are
+        needed) is in no module unless max_tokens == 0."""
+        end = 0
+        for m in modules:
+            if not isinstance(m, ModuleSpan):
+                raise InvalidRequestError(f"modules must be ModuleSpans, got {type(m).__name__}")
+            if not end <= m.start < m.end <= prompt_len:
+                raise InvalidRequestError(f"module span [{m.start}, {m.end}) is empty, overlaps another, is out of "
+                                          f"order or lies outside the prompt of {prompt_len} tokens")
+            self.check_module_len(m.num_tokens)
+            end = m.end
+        if modules and max_tokens > 0 and modules[-1].end == prompt_len:
+            raise InvalidRequestError("a module may not end the prompt: the last prompt token is computed to "
+                                      "sample from it (chat templates always add tokens after the last message)")
+        return modules
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and release its blocks (no-op if it already finished)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from promptstash.cache.manager import ProtectResult
+from promptstash.cache.modules import ModuleRepair, ModuleSpan
 from promptstash.engine.results import RequestUpdate
 from promptstash.engine.sampling import SamplingParams
 
@@ -83,6 +84,8 @@ class Request:
     want_prompt_logits: bool = False
     detach: bool = False  # its completion goes to its last update only
     cache_breakpoints: tuple[tuple[int, str], ...] = ()  # (prefix_len, ttl_class): protect once computed
+    modules: tuple[ModuleSpan, ...] = ()  # spans of prompt tokens that are modules (see cache/modules.py)
+    module_repair: ModuleRepair = ModuleRepair()
 
     token_ids: list[int] = field(init=False)  # prompt then output; K/V exist for token_ids[:num_computed]
     status: RequestStatus = RequestStatus.WAITING

@@ -15,6 +15,22 @@ class Usage:
     # prompt tokens computed by this request and protected under a TTL class (its cache breakpoints)
     cache_write_tokens: dict[str, int] = field(default_factory=dict)
     cache_write_refused: bool = False  # breakpoints were asked for but protection would exceed the cap
+    # modules (position-independent reuse); cached_tokens = prefix-reused + module_cached_tokens
+    module_cached_tokens: int = 0  # module tokens whose K/V came from the module cache and were not recomputed
+    recomputed_tokens: int = 0  # module tokens loaded from the cache but recomputed by the repair strategy
+    num_modules: int = 0  # modules in the prompt (outside the reused prefix)
+    num_module_hits: int = 0  # of those, found in the cache (pool or a tier)
+    module_repair: str | None = None  # the repair strategy's label, when the prompt had modules
+
+    @property
+    def prefix_cached_tokens(self) -> int:
+        """Tokens reused as an exact prefix."""
+        return self.cached_tokens - self.module_cached_tokens
+
+    @property
+    def computed_tokens(self) -> int:
+        """Prompt tokens run through the model for this request (recomputed module tokens included)."""
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def num_cache_write_tokens(self) -> int:

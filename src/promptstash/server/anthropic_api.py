@@ -21,9 +21,9 @@ from promptstash.cache.manager import TTL_SECONDS
 from promptstash.engine.engine import Completion, Usage
 from promptstash.engine.sampling import SamplingParams
 from promptstash.errors import ContextLengthError
+from promptstash.prompts import ChatMessage, TextBlock, render
 from promptstash.server.common import SSE_HEADERS, new_request_id, sse, submit
 from promptstash.server.errors import APIError
-from promptstash.server.prompts import ChatMessage, TextBlock, render
 from promptstash.server.state import ServerState, cache_namespace, wait_for_completion
 from promptstash.server.validate import Body, parse_json_object
 

@@ -1,0 +1,167 @@
+"""Chat messages -> token ids, with the token position of each cache breakpoint.
+
+A breakpoint sits at the end of a content block. To find its token position, the block's text is
+followed by a marker that no request contains, the chat template renders the messages, the markers are
+cut out (remembering their character offsets), and the clean text is tokenized:
+
+    rendered:  "<|im_start|>system\\nLong document...\\x00bp0\\x00<|im_end|>\\n<|im_start|>user ..."
+    clean:     "<|im_start|>system\\nLong document...<|im_end|>\\n<|im_start|>user ..."
+                                                   ^ char offset c
+    position = number of tokens that end at or before c (the prefix holds only whole tokens)
+
+The token ids are those of the clean text, exactly what the engine would compute for the same messages.
+
+Modules (blocks marked `module`) are tokenized on their own: the block's text is replaced by a marker, the
+rendered text is cut at the markers, and each piece and each module is tokenized separately:
+
+    rendered:  "<|im_start|>user\\n" \x00m0\x00 "\\n" \x00m1\x00 "\\nQuestion?<|im_end|>..."
+    tokens:    [ text piece      ][ module 0 ][ \\n ][ module 1 ][ text piece ...         ]
+
+NOTE: so a module's tokens are the same wherever it appears (its K/V can be reused), while tokens at a
+module's edges may differ from tokenizing the whole text at once. Without modules nothing changes.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from promptstash.cache.modules import ModuleSpan, RegisteredModule
+from promptstash.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class TextBlock:
+    text: str
+    ttl_class: str | None = None  # a cache breakpoint after this block, with its TTL class
+    module: bool = False  # the block is a module: tokenized on its own, its K/V reusable at any position
+    module_id: str | None = None  # a registered module used by id (text is then filled in by render)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    blocks: tuple[TextBlock, ...]
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    token_ids: list[int]
+    breakpoints: tuple[tuple[int, str], ...]  # (prefix_len in tokens, ttl_class), in prompt order
+    modules: tuple[ModuleSpan, ...] = ()  # in prompt order
+
+
+ModuleResolver = Callable[[str], RegisteredModule]  # module id -> the registered module (raises if unknown)
+
+
+def render(tokenizer: Any, messages: list[ChatMessage], resolve_module: ModuleResolver | None = None
+           ) -> RenderedPrompt:
+    if tokenizer is None:
+        raise InvalidRequestError("this model has no tokenizer, so chat messages cannot be rendered")
+    tag = secrets.token_hex(6)
+    pattern = re.compile(f"\x00{tag}:([bm])(\\d+)\x00")
+    classes: list[str] = []
+    module_tokens: list[tuple[list[int], str | None, str | None]] = []  # (token ids, module id, ttl class)
+    plain = []
+    for message in messages:
+        parts = []
+        for block in message.blocks:
+            text = block.text
+            if block.module or block.module_id is not None:
+                if block.module_id is not None:
+                    if resolve_module is None:
+                        raise InvalidRequestError("module parts by id need a module registry")
+                    registered = resolve_module(block.module_id)
+                    ids, ttl = list(registered.token_ids), registered.ttl_class
+                else:
+                    ids, ttl = tokenizer.encode(text, add_special_tokens=False), block.ttl_class
+                if not ids:
+                    raise InvalidRequestError("a module must not be empty")
+                text = f"\x00{tag}:m{len(module_tokens)}\x00"
+                module_tokens.append((ids, block.module_id, ttl))
+            if block.ttl_class is not None:
+                text += f"\x00{tag}:b{len(classes)}\x00"
+                classes.append(block.ttl_class)
+            parts.append(text)
+        plain.append({"role": message.role, "content": "\n".join(parts)})
+    rendered = tokenizer.apply_chat_template(plain, add_generation_prompt=True)
+    token_ids: list[int] = []
+    positions: dict[int, int] = {}  # breakpoint -> token position
+    modules: list[ModuleSpan] = []
+    piece: list[str] = []
+    marks: list[tuple[int, int]] = []  # (breakpoint, char offset in the current piece)
+    piece_len = 0
+
+    def flush() -> None:
+        nonlocal piece_len
+        ids, ends = tokenizer.token_ends("".join(piece)) if piece_len else ([], [])
+        for i, offset in marks:
+            positions[i] = len(token_ids) + next((k for k, end in enumerate(ends) if end > offset), len(ends))
+        token_ids.extend(ids)
+        piece.clear()
+        marks.clear()
+        piece_len = 0
+
+    last = 0
+    for match in pattern.finditer(rendered):
+        text = rendered[last:match.start()]
+        piece.append(text)
+        piece_len += len(text)
+        last = match.end()
+        index = int(match.group(2))
+        if match.group(1) == "b":
+            marks.append((index, piece_len))
+            continue
+        flush()
+        ids, module_id, ttl_class = module_tokens[index]
+        modules.append(ModuleSpan(len(token_ids), len(token_ids) + len(ids), module_id, ttl_class))
+        token_ids.extend(ids)
+    piece.append(rendered[last:])
+    piece_len += len(rendered) - last
+    flush()
+    breakpoints = [(positions[i], ttl_class) for i, ttl_class in enumerate(classes) if i in positions]
+    return RenderedPrompt(token_ids, tuple(breakpoints), tuple(modules))
+
+
+def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
+    """The Python API's messages (OpenAI format) as ChatMessages: content is a string or a list of parts,
+    `{"type": "text", "text": ..., "module": true?}` or `{"type": "module", "id": ...}`."""
+    result = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise InvalidRequestError(f"message {i} must be a dict with a 'role' string")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            blocks: tuple[TextBlock, ...] = (TextBlock(content),)
+        elif isinstance(content, list):
+            blocks = tuple(content_part(part, f"message {i} part {j}") for j, part in enumerate(content))
+        else:
+            raise InvalidRequestError(f"message {i}: content must be a string or a list of parts")
+        result.append(ChatMessage(message["role"], blocks))
+    return result
+
+
+def content_part(part: Any, where: str) -> TextBlock:
+    """One OpenAI-style content part: a text part (optionally `"module": true`) or a module by id."""
+    if not isinstance(part, Mapping):
+        raise InvalidRequestError(f"{where}: expected an object")
+    kind = part.get("type")
+    module = part.get("module", False)
+    if not isinstance(module, bool):
+        raise InvalidRequestError(f"{where}: 'module' must be true or false, got {type(module).__name__}")
+    if kind == "module":
+        module_id = part.get("id")
+        if not isinstance(module_id, str) or not module_id:
+            raise InvalidRequestError(f"{where}: a module part needs an 'id' string")
+        return TextBlock("", module_id=module_id)
+    if kind != "text" or not isinstance(part.get("text"), str):
+        if module:
+            raise InvalidRequestError(f"{where}: only text parts can be modules, got type {kind!r}")
+        raise InvalidRequestError(f"{where}: only {{'type': 'text', 'text': ...}} and {{'type': 'module', "
+                                  f"'id': ...}} parts are supported, got type {kind!r}")
+    return TextBlock(part["text"], module=module)
