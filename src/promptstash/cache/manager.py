@@ -1,7 +1,8 @@
 """The one cache API of the engine: prefix matching, block tables, publishing, TTL protection and release.
 
-    scheduler:  open, extend_match, waits_for_other, allocate, close
-    engine:     block_table, commit, protect, plan_load / reserve_load / finish_load, locate, stats
+    scheduler:  open, extend_match, waits_for_other, allocate, close, limit_publish, hold_module
+    engine:     block_table, commit, protect, plan_load / reserve_load / finish_load, locate, stats,
+                module_hashes, plan_module_load, allocate_module / publish_module, release_held
 
 A sequence's block table covers the tokens whose K/V are (or are about to be) in the pool:
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from promptstash.cache.block_pool import Block, BlockPool, PoolUsage
-from promptstash.cache.hashing import extend_hashes, root_hash
+from promptstash.cache.hashing import extend_hashes, module_hashes, module_root_hash, root_hash
 from promptstash.cache.prefix_index import PrefixIndex
 from promptstash.cache.ttl import TTL_SECONDS
 
@@ -97,6 +98,8 @@ class _Seq:
     hashes: list[bytes] = field(default_factory=list)  # of every full block of the tokens seen so far
     num_published: int = 0  # leading blocks already published or shared from the cache
     matching: bool = True  # nothing computed yet beyond cache hits, so later hits may still extend
+    max_published: int | None = None  # blocks beyond this hold approximate K/V (modules): never published
+    held: list[int] = field(default_factory=list)  # module blocks held for copying (one reference each)
 
 
 class CacheManager:
@@ -130,10 +133,13 @@ class CacheManager:
         self._num_loaded = 0
         self._loads: dict[int, list[int]] = {}  # reservation id -> reserved blocks (one reference each)
         self._next_load_id = 0
+        self._module_blocks: set[bytes] = set()  # hashes of module blocks in the pool now
+        self._modules: dict[bytes, tuple[bytes, ...]] = {}  # last block hash -> a module's hashes (stats)
 
     def _on_evict(self, block: Block) -> None:
         assert block.block_hash is not None
         self.index.remove(block.block_hash, block.block_id)
+        self._module_blocks.discard(block.block_hash)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def open(self, seq_id: str, token_ids: Sequence[int], namespace: str) -> int:
@@ -208,6 +214,8 @@ class CacheManager:
         seq.matching = False
         extend_hashes(seq.hashes, seq.root, token_ids, self.block_size)
         num_full = num_computed // self.block_size
+        if seq.max_published is not None:
+            num_full = min(num_full, seq.max_published)
         for j in range(seq.num_published, num_full):
             h = seq.hashes[j]
             if self.enable_prefix_caching and self.index.insert(h, seq.block_ids[j]):
@@ -226,6 +234,115 @@ class CacheManager:
             if self._pending.get(h) == seq_id:
                 del self._pending[h]
         self.pool.release(reversed(seq.block_ids))
+        self.pool.release(seq.held)
+
+    # -- modules ---------------------------------------------------------------------------------
+    # NOTE: a module's blocks are published under module hashes (hashing.module_hashes), never under a
+    # prompt's prefix hashes. A sequence that assembles modules holds approximate K/V from its first module
+    # on, so limit_publish stops it publishing those blocks as an exact prefix.
+    def module_hashes(self, token_ids: Sequence[int], namespace: str) -> tuple[bytes, ...]:
+        return tuple(module_hashes(module_root_hash(self.model_id, self.kv_layout, namespace), token_ids,
+                                   self.block_size))
+
+    def limit_publish(self, seq_id: str, num_tokens: int) -> None:
+        """Publish no block of this sequence beyond its first num_tokens tokens (stop matching, too)."""
+        seq = self._seqs[seq_id]
+        seq.matching = False
+        seq.max_published = num_tokens // self.block_size
+        for h in seq.hashes[seq.max_published:]:
+            if self._pending.get(h) == seq_id:
+                del self._pending[h]
+
+    def hold_module(self, seq_id: str, hashes: Sequence[bytes], ttl_class: str | None = None) -> tuple[int, ...] | None:
+        """If every block of a module is in the pool, hold them for this sequence (released by release_held or
+        close) and return their ids; else None. A hit refreshes TTL protection; ttl_class protects them."""
+        block_ids = [self.index.get(h) for h in hashes]
+        if any(b is None for b in block_ids):
+            return None
+        seq = self._seqs[seq_id]
+        for block_id in block_ids:
+            assert block_id is not None
+            self.pool.touch(block_id)
+            seq.held.append(block_id)
+        self._refresh_pins(block_ids)  # type: ignore[arg-type]
+        if ttl_class is not None:
+            self.protect_blocks(block_ids, hashes, ttl_class)  # type: ignore[arg-type]
+        return tuple(block_ids)  # type: ignore[arg-type]
+
+    def release_held(self, seq_id: str) -> None:
+        seq = self._seqs[seq_id]
+        self.pool.release(seq.held)
+        seq.held = []
+
+    def allocate_module(self, num_blocks: int) -> list[int] | None:
+        """Fresh blocks (referenced, unpublished) to copy a computed module into; None if the pool is short."""
+        self.expire()
+        return self.pool.allocate(num_blocks)
+
+    def publish_module(self, hashes: Sequence[bytes], block_ids: Sequence[int], ttl_class: str | None = None) -> int:
+        """Publish a module's filled blocks under its hashes (and write them to the tiers), then drop the
+        caller's references. A block another request published first keeps its place; the copy is freed.
+        Returns blocks published."""
+        num_published = 0
+        for h, block_id in zip(hashes, block_ids, strict=True):
+            if self.index.insert(h, block_id):
+                self.pool.set_hash(block_id, h)
+                self._module_blocks.add(h)
+                num_published += 1
+                if self.store is not None:
+                    self.store.save(block_id, h, None)
+        self._num_published += num_published
+        self._modules[hashes[-1]] = tuple(hashes)
+        published = [self.index.get(h) for h in hashes]
+        if ttl_class is not None and all(b is not None for b in published):
+            self.protect_blocks(published, hashes, ttl_class)  # type: ignore[arg-type]
+        self.pool.release(reversed(block_ids))
+        return num_published
+
+    def plan_module_load(self, hashes: Sequence[bytes]) -> LoadPlan | None:
+        """The blocks of a module beyond those in the pool; None if it is all in the pool."""
+        if not self.enable_prefix_caching:
+            return None
+        start = len(self.index.longest_prefix(list(hashes), 0, len(hashes)))
+        return LoadPlan(tuple(hashes), start) if start < len(hashes) else None
+
+    def note_module(self, hashes: Sequence[bytes]) -> None:
+        """Count a module loaded from a tier among the pool's modules (stats)."""
+        self._modules[hashes[-1]] = tuple(hashes)
+
+    def module_block_counts(self) -> tuple[int, int]:
+        """(modules whose blocks are all in the pool, module blocks in the pool)."""
+        for key in [k for k, hs in self._modules.items() if any(self.index.get(h) is None for h in hs)]:
+            del self._modules[key]
+        return len(self._modules), len(self._module_blocks)
+
+    def _refresh_pins(self, block_ids: Sequence[int]) -> None:
+        for block_id in block_ids:
+            if (pin := self._pins.get(block_id)) is not None:
+                pin.expires_at = self.clock() + self.ttl_seconds[pin.ttl_class]
+
+    def protect_blocks(self, block_ids: Sequence[int], hashes: Sequence[bytes], ttl_class: str) -> bool:
+        """Protect published blocks from eviction for a TTL class (as protect(), for a module's blocks).
+        False (nothing changed) if that would exceed max_protected_blocks."""
+        if ttl_class not in self.ttl_seconds:
+            raise ValueError(f"unknown TTL class {ttl_class!r}")
+        new = [b for b in dict.fromkeys(block_ids) if b not in self._pins]
+        if len(self._pins) + len(new) > self.max_protected_blocks:
+            self._num_refused_writes += 1
+            return False
+        now = self.clock()
+        for block_id, h in zip(block_ids, hashes, strict=True):
+            pin = self._pins.get(block_id)
+            if pin is None:
+                self.pool.touch(block_id)
+                pin = self._pins[block_id] = _Pin(ttl_class, now)
+            elif self.ttl_seconds[ttl_class] > self.ttl_seconds[pin.ttl_class]:
+                pin.ttl_class = ttl_class
+            pin.expires_at = max(pin.expires_at, now + self.ttl_seconds[pin.ttl_class])
+            self._next_expiry = min(self._next_expiry, pin.expires_at)
+            if self.store is not None and pin.ttl_class != "5m":
+                self.store.save(block_id, h, pin.ttl_class)
+        return True
 
     # -- TTL protection --------------------------------------------------------------------------
     def protect(self, seq_id: str, breakpoints: Sequence[tuple[int, str]]) -> ProtectResult:
@@ -349,7 +466,7 @@ class CacheManager:
         self._loads[load_id] = head + block_ids
         return LoadReservation(load_id, tuple(zip(items, block_ids, strict=True)))
 
-    def finish_load(self, reservation: LoadReservation, num_loaded: int) -> int:
+    def finish_load(self, reservation: LoadReservation, num_loaded: int, *, module: bool = False) -> int:
         """Publish the first num_loaded reserved blocks (now filled) and release the reservation.
 
         Loaded blocks become cached blocks, tail first in the LRU order; a block published meanwhile by a
@@ -361,6 +478,8 @@ class CacheManager:
             if self.index.insert(h, block_id):
                 self.pool.set_hash(block_id, h)
                 num_published += 1
+                if module:
+                    self._module_blocks.add(h)
         self.pool.release(reversed(block_ids))
         self._num_loaded += num_published
         self._num_published += num_published
@@ -394,7 +513,7 @@ class CacheManager:
         self.pool.check()
         refs = [0] * self.pool.num_blocks
         for seq in self._seqs.values():
-            for block_id in seq.block_ids:
+            for block_id in seq.block_ids + seq.held:
                 refs[block_id] += 1
         for block_id in self._pins:
             refs[block_id] += 1

@@ -36,6 +36,7 @@ from promptstash.cache.modules import ModuleRegistry, ModuleRepair, ModuleSpan, 
 from promptstash.cache.tiers.base import TierStats
 from promptstash.cache.tiers.store import KVStore, lower_thread_priority
 from promptstash.config import DTYPES, EngineConfig
+from promptstash.engine.assembly import Fill, ModuleWork
 from promptstash.engine.request import Request, RequestStatus, StopChecker
 from promptstash.engine.results import DEFAULT_NAMESPACE, Completion, RequestUpdate, Timings, Usage
 from promptstash.engine.runner import ModelRunner, StepLogits
@@ -59,8 +60,10 @@ END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_tex
 class PromptLogits:
     """Logits of every prompt position that was computed (not served from the cache)."""
 
-    logits: torch.Tensor  # [prompt_len - num_cached_tokens, V] float32; row i predicts token num_cached + i + 1
+    logits: torch.Tensor  # [rows, V] float32; row i predicts token positions[i] + 1
     num_cached_tokens: int
+    positions: torch.Tensor | None = None  # [rows] long: without modules, num_cached .. prompt_len - 1
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class Engine:
         self._num_generated_tokens = 0
         self._num_steps = 0
         self._num_errors = 0
+        self._module_counts: Counter[str] = Counter()
         # NOTE: several loaders, so that a slow load does not hold up requests arriving behind it; two loads
         # of the same blocks are harmless (finish_load keeps the first published copy).
         self._loader = (ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="promptstash-tier-loader",
@@ -387,6 +391,8 @@ class Engine:
                 on_update=on_update, want_prompt_logits=want_prompt_logits, detach=detach,
                 cache_breakpoints=tuple((min(n, prompt_len), c) for n, c in cache_breakpoints),
                 modules=modules if self.config.enable_prefix_caching else (), module_repair=repair,
+                module_hashes=tuple(self.cache.module_hashes(token_ids[m.start:m.end], namespace) for m in modules)
+                if self.config.enable_prefix_caching else (),
             )
             self._requests[rid] = request
             self._num_unfinished += 1
@@ -476,6 +482,9 @@ class Engine:
                         finally:
                             with self._lock:
                                 self.cache.finish_load(reservation, num_loaded)
+            if request.module_repair.strategy != "full":
+                for hashes in dict.fromkeys(request.module_hashes):  # a module used twice loads once
+                    self._load_module(request, hashes)
         except Exception:
             log.exception("loading the prefix of request %s from the tiers failed; it will be computed",
                           request.request_id)
@@ -486,6 +495,30 @@ class Engine:
                     request.status = RequestStatus.WAITING
                     self.scheduler.add(request)
             self._wake.set()
+
+    def _load_module(self, request: Request, hashes: tuple[bytes, ...]) -> None:
+        """Load a module's blocks from the tiers into the pool, if the tiers hold all of them."""
+        assert self.kv_store is not None
+        with self._lock:
+            plan = None if request.finished else self.cache.plan_module_load(hashes)
+        if plan is None:
+            return
+        num_missing = len(plan.hashes) - plan.start
+        if self.kv_store.num_leading(list(plan.hashes[plan.start:])) < num_missing:
+            return  # part of it is gone: it will be computed
+        with self._lock:
+            reservation = None if request.finished else self.cache.reserve_load(plan, num_missing)
+        if reservation is None:
+            return
+        num_loaded = 0
+        try:
+            num_loaded = self.kv_store.load(reservation.items, busy=self._computing)
+        finally:
+            with self._lock:
+                self.cache.finish_load(reservation, num_loaded, module=True)
+                if num_loaded == len(reservation.items):
+                    self.cache.note_module(hashes)
+                    self._module_counts["num_tier_hits"] += 1
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
@@ -501,6 +534,11 @@ class Engine:
                 return StepResult((), 0)
             tables = [list(self.cache.block_table(c.request.request_id)) for c in chunks]
             try:
+                for chunk in chunks:
+                    if chunk.fills:
+                        for fill in chunk.fills:
+                            self._fill(chunk.request, fill)
+                        self.cache.release_held(chunk.request.request_id)
                 out = self.runner.run(chunks, tables)
             except Exception as exc:  # keep the engine usable: the step's requests fail, nothing leaks
                 log.exception("model step failed; finishing its %d requests with an error", len(chunks))
@@ -510,12 +548,12 @@ class Engine:
             self._num_steps += 1
             updates: list[RequestUpdate] = []
             now = time.perf_counter()
-            for chunk, rows in zip(chunks, out.rows, strict=True):
+            for i, (chunk, rows) in enumerate(zip(chunks, out.rows, strict=True)):
                 request = chunk.request
                 if request.status is not RequestStatus.RUNNING:
                     continue
                 try:
-                    update = self._post_process(chunk, out, rows, now)
+                    update = self._post_process(chunk, out, rows, now, out.kept[i])
                 except Exception as exc:
                     log.exception("post-processing request %s failed; finishing it with an error", request.request_id)
                     update = self._finish(request, "error", error=_describe(exc, "post-processing failed"))
@@ -523,18 +561,24 @@ class Engine:
                     updates.append(update)
             return StepResult(tuple(updates), len(chunks))
 
-    def _post_process(self, chunk: ScheduledChunk, out: StepLogits, rows: slice, now: float) -> RequestUpdate | None:
+    def _post_process(self, chunk: ScheduledChunk, out: StepLogits, rows: slice, now: float,
+                      kept: torch.Tensor | None = None) -> RequestUpdate | None:
         """Everything after the forward pass, for one request: commit its blocks, protect its breakpoints,
         keep prompt logits, sample, check stops, and emit its update."""
         request = chunk.request
-        self._num_computed_prompt_tokens += max(0, min(chunk.end, request.prompt_len) - chunk.start)
-        request.num_computed = chunk.end
-        self.cache.commit(request.request_id, request.token_ids, chunk.end)
-        if request.cache_breakpoints and request.cache_write is None and chunk.end >= request.prompt_len:
+        if chunk.kind == "compute":
+            self._num_computed_prompt_tokens += max(0, min(chunk.end, request.prompt_len) - chunk.start)
+            end = chunk.end
+        else:
+            end = self._advance_assembly(chunk, kept)
+        request.num_computed = end
+        self.cache.commit(request.request_id, request.token_ids, end)
+        if request.cache_breakpoints and request.cache_write is None and end >= request.prompt_len:
             request.cache_write = self.cache.protect(request.request_id, request.cache_breakpoints)
         if request.want_prompt_logits:
             request.prompt_logits.append(out.logits[rows])
-        if chunk.end < len(request.token_ids):
+            request.prompt_logit_positions.append(out.positions[rows])
+        if end < len(request.token_ids):
             return None  # more of the prompt to compute
         params = request.sampling
         if request.num_output_tokens >= params.max_tokens:  # max_tokens == 0: prefill only
@@ -560,6 +604,72 @@ class Engine:
                                usage=usage)
         self._emit(request, update)
         return update
+
+    # -- module assembly (see engine/assembly.py) -----------------------------------------------------
+    def _module_slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
+        """Pool slots of positions start..end-1 of a block table."""
+        bs = self.cache.block_size
+        positions = torch.arange(start, end, device=self.model.device)
+        table = torch.tensor(list(block_ids), dtype=torch.long, device=self.model.device)
+        return table[positions // bs] * bs + positions % bs
+
+    def _fill(self, request: Request, fill: Fill) -> None:
+        """Copy a cached module's K/V into the request's blocks at its position, keys moved there."""
+        span = fill.work.span
+        src = self._module_slots(fill.block_ids, 0, span.num_tokens)
+        dst = self._module_slots(self.cache.block_table(request.request_id), span.start, span.end)
+        keys = self.kv.k.index_select(1, src)  # [layers, n, H_kv, D]
+        self.kv.k.index_copy_(1, dst, self.model.move_keys(keys, span.start) if span.start else keys)
+        self.kv.v.index_copy_(1, dst, self.kv.v.index_select(1, src))
+
+    def _store_module(self, request: Request, work: ModuleWork) -> None:
+        """A module computed alone (positions from 0) in the request's blocks: copy it to blocks of its own,
+        publish them under the module's hashes, then move the request's keys to the module's position."""
+        span = work.span
+        here = self._module_slots(self.cache.block_table(request.request_id), span.start, span.end)
+        block_ids = self.cache.allocate_module(len(work.hashes))
+        if block_ids is None:
+            self._module_counts["num_store_refused"] += 1
+        else:
+            there = self._module_slots(block_ids, 0, span.num_tokens)
+            self.kv.k.index_copy_(1, there, self.kv.k.index_select(1, here))
+            self.kv.v.index_copy_(1, there, self.kv.v.index_select(1, here))
+            self.cache.publish_module(work.hashes, block_ids, span.ttl_class)
+            self._module_counts["num_stored"] += 1
+        if span.start:
+            self.kv.k.index_copy_(1, here, self.model.move_keys(self.kv.k.index_select(1, here), span.start))
+        work.filled = True
+
+    def _advance_assembly(self, chunk: ScheduledChunk, kept: torch.Tensor | None) -> int:
+        """Account for an encode or assemble chunk; returns the request's num_computed afterwards."""
+        request = chunk.request
+        assembly = request.assembly
+        assert assembly is not None
+        if chunk.kind == "encode":
+            assert chunk.work is not None
+            chunk.work.num_encoded += len(chunk.rows)
+            self._num_computed_prompt_tokens += len(chunk.rows)
+            if chunk.work.num_encoded >= chunk.work.span.num_tokens:
+                self._store_module(request, chunk.work)
+        else:
+            kept_rows = kept.tolist() if kept is not None else [True] * len(chunk.rows)
+            for module, was_kept in zip(chunk.row_module or (-1,) * len(chunk.rows), kept_rows, strict=True):
+                if was_kept:
+                    self._num_computed_prompt_tokens += 1
+                    if module >= 0:
+                        assembly.works[module].num_recomputed += 1
+            assembly.next_row += len(chunk.rows)
+        if not assembly.done:
+            return request.num_computed
+        works = assembly.works
+        num_hits = sum(w.hit for w in works)
+        request.module_usage = (len(works), num_hits, assembly.num_reused, assembly.num_recomputed)
+        counts = self._module_counts
+        counts["num_lookups"] += len(works)
+        counts["num_hits"] += num_hits
+        counts["num_reused_tokens"] += assembly.num_reused
+        counts["num_recomputed_tokens"] += assembly.num_recomputed
+        return request.prompt_len
 
     def _finish(self, request: Request, reason: str, new_token: int | None = None,
                 error: str | None = None) -> RequestUpdate:
@@ -642,8 +752,12 @@ class Engine:
             for j, ttl_class in enumerate(write.block_classes):
                 if j * bs >= num_cached:  # computed here, not read
                     written[ttl_class] = written.get(ttl_class, 0) + bs
-        return Usage(request.prompt_len, num_cached, request.num_output_tokens, written,
-                     write is not None and write.refused)
+        num_modules, num_hits, num_reused, num_recomputed = request.module_usage or (
+            sum(m.start >= num_cached for m in request.modules), 0, 0, 0)
+        return Usage(request.prompt_len, num_cached + num_reused, request.num_output_tokens, written,
+                     write is not None and write.refused, module_cached_tokens=num_reused,
+                     recomputed_tokens=num_recomputed, num_modules=num_modules, num_module_hits=num_hits,
+                     module_repair=request.module_repair.label if request.modules else None)
 
     def run_until_done(self, request_ids: Sequence[str]) -> list[Completion]:
         pending = set(request_ids)
@@ -655,21 +769,26 @@ class Engine:
         return [self.completion(r) for r in request_ids]
 
     def generate(self, prompt: Prompt, *, namespace: str = DEFAULT_NAMESPACE,
-                 on_update: Callable[[RequestUpdate], None] | None = None, **sampling: Any) -> Completion:
-        """Generate for one prompt; `on_update` receives each streamed piece. sampling: SamplingParams fields."""
-        rid = self.add_request(prompt, _sampling(sampling), namespace=namespace, on_update=on_update)
+                 on_update: Callable[[RequestUpdate], None] | None = None, module_repair: str | None = None,
+                 **sampling: Any) -> Completion:
+        """Generate for one prompt; `on_update` receives each streamed piece. sampling: SamplingParams fields;
+        module_repair: for prompts with modules (see add_request)."""
+        rid = self.add_request(prompt, _sampling(sampling), namespace=namespace, on_update=on_update,
+                               module_repair=module_repair)
         return self.run_until_done([rid])[0]
 
     def generate_many(self, prompts: Sequence[Prompt], *, namespace: str = DEFAULT_NAMESPACE,
-                      **sampling: Any) -> list[Completion]:
+                      module_repair: str | None = None, **sampling: Any) -> list[Completion]:
         """Submit all prompts together (continuous batching) and return their completions in order."""
         params = _sampling(sampling)
-        ids = [self.add_request(p, params, namespace=namespace) for p in prompts]
+        ids = [self.add_request(p, params, namespace=namespace, module_repair=module_repair) for p in prompts]
         return self.run_until_done(ids)
 
-    def stream(self, prompt: Prompt, *, namespace: str = DEFAULT_NAMESPACE, **sampling: Any) -> Iterator[RequestUpdate]:
+    def stream(self, prompt: Prompt, *, namespace: str = DEFAULT_NAMESPACE, module_repair: str | None = None,
+               **sampling: Any) -> Iterator[RequestUpdate]:
         """Yield updates as tokens are generated; the last one has finished=True. Closing the iterator aborts."""
-        rid = self.add_request(prompt, _sampling(sampling), namespace=namespace, detach=True)
+        rid = self.add_request(prompt, _sampling(sampling), namespace=namespace, detach=True,
+                               module_repair=module_repair)
         try:
             while True:
                 result = self.run_step()
@@ -683,20 +802,28 @@ class Engine:
         finally:
             self.abort(rid)
 
-    def prompt_logits(self, prompt: Prompt, *, namespace: str = DEFAULT_NAMESPACE) -> PromptLogits:
-        """Prefill a prompt (reusing the cache) and return the logits of every computed position."""
-        rid = self.add_request(prompt, SamplingParams(max_tokens=0), namespace=namespace, want_prompt_logits=True)
+    def prompt_logits(self, prompt: Prompt, *, namespace: str = DEFAULT_NAMESPACE, modules: Sequence[ModuleSpan] = (),
+                      module_repair: str | ModuleRepair | None = None) -> PromptLogits:
+        """Prefill a prompt (reusing the cache) and return the logits of every computed position.
+
+        With modules, the rows are those of the text computed in full context (module tokens give none);
+        `positions` says which prompt position each row is."""
+        rid = self.add_request(prompt, SamplingParams(max_tokens=0), namespace=namespace, want_prompt_logits=True,
+                               modules=modules, module_repair=module_repair)
         with self._lock:
             request = self._requests[rid]
         completion = self.run_until_done([rid])[0]
-        return PromptLogits(torch.cat(request.prompt_logits), completion.usage.cached_tokens)
+        if completion.finish_reason == "error":
+            raise RuntimeError(f"prefill failed: {completion.error}")
+        return PromptLogits(torch.cat(request.prompt_logits), completion.usage.cached_tokens,
+                            torch.cat(request.prompt_logit_positions), completion.usage)
 
     def stats(self) -> EngineStats:
         with self._lock:
             sched = self.scheduler
             stats = EngineStats(
                 num_prompt_tokens=sched.num_query_tokens,
-                num_cached_tokens=sched.num_hit_tokens,
+                num_cached_tokens=sched.num_hit_tokens + self._module_counts["num_reused_tokens"],
                 num_computed_prompt_tokens=self._num_computed_prompt_tokens,
                 num_generated_tokens=self._num_generated_tokens,
                 num_steps=self._num_steps,
@@ -706,11 +833,21 @@ class Engine:
                 num_loading=self._num_loading,
                 num_running=len(sched.running),
                 num_errors=self._num_errors,
+                modules=self._module_stats(),
             )
         if self.kv_store is None:
             return stats
         store = self.kv_store
         return _replace(stats, tiers=tuple(store.stats()), num_dropped_tier_writes=store.num_dropped_writes)
+
+    def _module_stats(self) -> ModuleStats:
+        num_cached, num_blocks = self.cache.module_block_counts()
+        c = self._module_counts
+        return ModuleStats(num_lookups=c["num_lookups"], num_hits=c["num_hits"], num_tier_hits=c["num_tier_hits"],
+                           num_reused_tokens=c["num_reused_tokens"], num_recomputed_tokens=c["num_recomputed_tokens"],
+                           num_stored=c["num_stored"], num_cached=num_cached, num_blocks=num_blocks,
+                           num_bytes=num_blocks * self.cache.block_size * self.kv.bytes_per_token,
+                           num_registered=len(self.modules))
 
     def locate_prefix(self, token_ids: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> tuple[str | None,
                                                                                                   str | None]:

@@ -11,6 +11,7 @@ import torch
 
 from promptstash.cache.manager import ProtectResult
 from promptstash.cache.modules import ModuleRepair, ModuleSpan
+from promptstash.engine.assembly import Assembly
 from promptstash.engine.results import RequestUpdate
 from promptstash.engine.sampling import SamplingParams
 
@@ -86,6 +87,7 @@ class Request:
     cache_breakpoints: tuple[tuple[int, str], ...] = ()  # (prefix_len, ttl_class): protect once computed
     modules: tuple[ModuleSpan, ...] = ()  # spans of prompt tokens that are modules (see cache/modules.py)
     module_repair: ModuleRepair = ModuleRepair()
+    module_hashes: tuple[tuple[bytes, ...], ...] = ()  # per module, its block hashes in this namespace
 
     token_ids: list[int] = field(init=False)  # prompt then output; K/V exist for token_ids[:num_computed]
     status: RequestStatus = RequestStatus.WAITING
@@ -98,8 +100,11 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
+    prompt_logit_positions: list[torch.Tensor] = field(default_factory=list)
     num_preemptions: int = 0
     cache_write: ProtectResult | None = None  # what protecting the breakpoints did, once the prompt is computed
+    assembly: Assembly | None = None  # module assembly in progress (reset when preempted)
+    module_usage: tuple[int, int, int, int] | None = None  # (modules, hits, reused, recomputed) once assembled
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -13,6 +13,10 @@ prompt is cut into the same chunks whether or not part of it came from the cache
 
 Admission is first come, first served, except that a tenant already running `tenant_max_running` requests
 is skipped (its next request waits, later tenants' requests go ahead).
+
+A request with modules assembles its prompt after its prefix match (see engine/assembly.py): its chunks
+are then "encode" (a module computed alone), "assemble" (rows in position order, after fills that copy
+cached modules in), and finally plain decode chunks.
 """
 
 from __future__ import annotations
@@ -21,18 +25,28 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from promptstash.cache.manager import CacheManager
+from promptstash.engine.assembly import Fill, ModuleWork, plan_assembly
 from promptstash.engine.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)
 class ScheduledChunk:
+    """Work for one request in one step. A "compute" chunk computes token_ids[start:end]; "encode" and
+    "assemble" chunks compute the positions in `rows` (see engine/assembly.py), after copying `fills` in;
+    start and end are then request.num_computed before and after the chunk."""
+
     request: Request
     start: int
     end: int
+    kind: str = "compute"  # "compute" | "encode" | "assemble"
+    rows: tuple[int, ...] = ()
+    fills: tuple[Fill, ...] = ()
+    work: ModuleWork | None = None  # encode: the module computed alone
+    row_module: tuple[int, ...] = ()  # assemble: per row, the module it repairs or -1
 
     @property
     def num_tokens(self) -> int:
-        return self.end - self.start
+        return self.end - self.start if self.kind == "compute" else len(self.rows)
 
 
 class Scheduler:
@@ -59,6 +73,7 @@ class Scheduler:
     def preempt(self, request: Request) -> None:
         """Give a running request's blocks back; it restarts later, hitting its own cached blocks."""
         self.cache.close(request.request_id)
+        request.assembly = None
         self.running.remove(request)
         request.status = RequestStatus.WAITING
         request.num_computed = 0
@@ -97,6 +112,7 @@ class Scheduler:
             chunk = self._schedule_one(request, budget, scheduled, may_preempt=False)
             if chunk is None and not self.cache.waits_for_other(request.request_id, request.num_computed):
                 self.cache.close(request.request_id)  # the pool has no room yet: stay in the queue
+                request.assembly = None
                 break
             self.waiting.remove(request)
             self.running.append(request)
@@ -112,6 +128,8 @@ class Scheduler:
         return chunks
 
     def _prefill_cost(self, chunk: ScheduledChunk) -> int:
+        if chunk.kind != "compute":
+            return chunk.num_tokens
         return 0 if chunk.num_tokens == 1 and chunk.end == len(chunk.request.token_ids) else chunk.num_tokens
 
     def _chunk_end(self, request: Request, budget: int) -> int:
@@ -137,18 +155,67 @@ class Scheduler:
                 request.num_computed = num_cached
             if self.cache.waits_for_other(rid, request.num_computed):
                 return None  # the next block is being computed by another request: reuse it later
+        if (request.assembly is None and request.modules and request.num_computed < request.prompt_len
+                and request.module_repair.strategy != "full"):
+            request.assembly = plan_assembly(request.prompt_len, request.num_computed, request.modules,
+                                             request.module_hashes, request.module_repair)
+            if request.assembly is not None:
+                self.cache.limit_publish(rid, request.assembly.first_module_start)
+        if request.assembly is not None and not request.assembly.done:
+            return self._assembly_chunk(request, budget, scheduled, may_preempt)
         end = self._chunk_end(request, budget)
         if end <= request.num_computed:
             return None
-        while not self.cache.allocate(rid, end):
+        if not self._allocate(request, end, scheduled, may_preempt):
+            return None
+        scheduled.add(rid)
+        return ScheduledChunk(request, request.num_computed, end)
+
+    def _allocate(self, request: Request, end: int, scheduled: set[str], may_preempt: bool) -> bool:
+        """Blocks for request.token_ids[:end], preempting later requests if allowed; False: wait."""
+        while not self.cache.allocate(request.request_id, end):
             victims = [r for r in self.running if r is not request and r.request_id not in scheduled]
             if may_preempt and victims:
                 self.preempt(victims[-1])
                 continue
             if any(r is not request for r in self.running):
-                return None  # others still hold blocks: wait for them
+                return False  # others still hold blocks: wait for them
             # nothing else can free blocks: TTL protections give way rather than stall this request forever
-            if not self.cache.allocate(rid, end, last_resort=True):
-                return None
+            if not self.cache.allocate(request.request_id, end, last_resort=True):
+                return False
+        return True
+
+    def _assembly_chunk(self, request: Request, budget: int, scheduled: set[str],
+                        may_preempt: bool) -> ScheduledChunk | None:
+        """The next piece of a module assembly: held cached modules to fill in, then one module to encode
+        alone, or (all modules in place) the next rows to assemble."""
+        assembly = request.assembly
+        assert assembly is not None
+        rid = request.request_id
+        if not self._allocate(request, request.prompt_len, scheduled, may_preempt):
+            return None
+        fills = []
+        for work in assembly.works:
+            if not work.filled and not work.num_encoded:
+                block_ids = self.cache.hold_module(rid, work.hashes, work.span.ttl_class)
+                if block_ids is not None:
+                    work.filled = work.hit = True
+                    fills.append(Fill(work, block_ids))
         scheduled.add(rid)
-        return ScheduledChunk(request, request.num_computed, end)
+        now = request.num_computed
+        work = assembly.next_encode()
+        if work is not None:
+            start = work.span.start + work.num_encoded
+            end = min(work.span.end, start + max(budget, 0))
+            if end > start:
+                return ScheduledChunk(request, now, now, "encode", tuple(range(start, end)), tuple(fills), work)
+            return ScheduledChunk(request, now, now, "assemble", (), tuple(fills)) if fills else None
+        take = max(budget, 0)
+        first = assembly.next_row
+        rows = assembly.rows[first:first + take]
+        row_module = assembly.row_module[first:first + take]
+        if not rows and not fills and first < len(assembly.rows):
+            return None
+        final = first + len(rows) >= len(assembly.rows)
+        return ScheduledChunk(request, now, request.prompt_len if final else now, "assemble", tuple(rows),
+                              tuple(fills), None, tuple(row_module))

@@ -54,6 +54,21 @@ class StepBatch:
     logits_indices: torch.Tensor  # [N] long, rows whose logits are returned
 
 
+@dataclass(frozen=True)
+class BlendSpec:
+    """CacheBlend's selective recompute for a one-sequence batch whose K/V are already in the pool.
+
+    Rows flagged in `candidates` are tokens whose K/V were filled from a cache. Every row is recomputed at
+    layers 0..layer; at `layer`, the candidates whose fresh K/V deviate most from the filled ones (the
+    num_keep largest squared differences) are kept, and from layer + 1 on only they and the other rows are
+    computed; the rest keep their filled K/V in the deeper layers.
+    """
+
+    layer: int
+    num_keep: int
+    candidates: torch.Tensor  # [T] bool
+
+
 class KVCache:
     """The paged K/V storage of every layer: k, v: [num_layers, num_blocks * block_size, H_kv, D]."""
 
@@ -206,10 +221,22 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
         """Run one step; writes the new tokens' K/V into kv and returns float32 logits [N, V]."""
+        return self._forward(batch, kv, None)[0]
+
+    @torch.inference_mode()
+    def forward_blend(self, batch: StepBatch, kv: KVCache, blend: BlendSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() with CacheBlend's selection (one sequence); also returns the [T] bool rows kept."""
+        assert len(batch.seqs) == 1, "blend runs one sequence at a time"
+        return self._forward(batch, kv, blend)
+
+    def _forward(self, batch: StepBatch, kv: KVCache, blend: BlendSpec | None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         num_tokens = batch.input_ids.shape[0]
         h_q, h_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        cos, sin = self._rope(batch.positions)  # [T, 1, D]
+        positions, slot_mapping, seqs = batch.positions, batch.slot_mapping, batch.seqs
+        logits_indices = batch.logits_indices
+        kept = torch.ones(num_tokens, dtype=torch.bool, device=self.device)
+        cos, sin = self._rope(positions)  # [T, 1, D]
         hidden = self.embed[batch.input_ids]  # [T, hidden]
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer["ln1"])
@@ -220,10 +247,12 @@ class LlamaModel:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_pool, v_pool = kv.k[i], kv.v[i]  # [num_slots, H_kv, D]
-            k_pool.index_copy_(0, batch.slot_mapping, k)
-            v_pool.index_copy_(0, batch.slot_mapping, v.reshape(num_tokens, h_kv, d))
+            if blend is not None and i == blend.layer:
+                kept = self._blend_select(blend, k, v.reshape(num_tokens, h_kv, d), k_pool, v_pool, slot_mapping)
+            k_pool.index_copy_(0, slot_mapping, k)
+            v_pool.index_copy_(0, slot_mapping, v.reshape(num_tokens, h_kv, d))
             attn = torch.empty_like(q)  # [T, H_q, D]
-            for seq in batch.seqs:
+            for seq in seqs:
                 qs = q[seq.token_start:seq.token_end].transpose(0, 1)[None]  # [1, H_q, n, D]
                 if seq.context_start is not None:
                     ctx = slice(seq.context_start, seq.context_start + seq.context_slots.shape[0])
@@ -241,5 +270,33 @@ class LlamaModel:
             x = self._rms_norm(hidden, layer["ln2"])
             gate, up = self._matmul(x, layer["gate_up_w"]).chunk(2, dim=-1)
             hidden = hidden + self._matmul(F.silu(gate) * up, layer["down_w"])
-        last = self._rms_norm(hidden.index_select(0, batch.logits_indices), self.norm)
-        return F.linear(last, self.lm_head).float()
+            if blend is not None and i == blend.layer and not bool(kept.all()):
+                # from here on only the kept rows are computed (NOTE: logits rows are never candidates)
+                rows = kept.nonzero().squeeze(1)
+                new_index = torch.cumsum(kept, 0) - 1
+                hidden, cos, sin = hidden[rows], cos[rows], sin[rows]
+                positions, slot_mapping = positions[rows], slot_mapping[rows]
+                logits_indices = new_index[logits_indices]
+                num_tokens = rows.shape[0]
+                seq = seqs[0]
+                ctx_len = seq.context_slots.shape[0]
+                mask = torch.arange(ctx_len, device=self.device)[None, :] <= positions[:, None]
+                if seq.mask is not None:  # e.g. a sliding window: keep the kept rows' own visibility
+                    mask = seq.mask[rows]
+                seqs = (SeqAttention(0, num_tokens, seq.context_slots, seq.context_start, mask),)
+        last = self._rms_norm(hidden.index_select(0, logits_indices), self.norm)
+        return F.linear(last, self.lm_head).float(), kept
+
+    @staticmethod
+    def _blend_select(blend: BlendSpec, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
+                      v_pool: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """[T] bool: non-candidate rows, and the num_keep candidates whose fresh K/V deviate most from the pool's."""
+        old_k, old_v = k_pool.index_select(0, slot_mapping), v_pool.index_select(0, slot_mapping)
+        deviation = ((k - old_k).float().pow(2).sum((1, 2)) + (v - old_v).float().pow(2).sum((1, 2)))  # [T]
+        deviation = torch.where(blend.candidates, deviation, torch.full_like(deviation, -1.0))
+        kept = ~blend.candidates
+        num_keep = min(blend.num_keep, int(blend.candidates.sum()))
+        if num_keep > 0:
+            kept = kept.clone()
+            kept[torch.topk(deviation, num_keep).indices] = True
+        return kept
