@@ -261,3 +261,34 @@ def test_bad_module_input_is_a_clear_error_and_the_engine_stays_usable(model) ->
     out = engine.prompt_logits(ids, modules=spans, module_repair="none")
     assert out.usage.num_modules == 1
     engine.check_integrity()
+
+
+def test_a_module_longer_than_a_prefill_chunk_is_encoded_in_several_chunks(model) -> None:
+    engine = engine_for(model, max_prefill_tokens=32)
+    long = tokens(7, 150)
+    ids, spans = layout((PRE, False), (long, True), (Q, False), (A, True), ([4, 4], False))
+    first = run_logits(engine, ids, spans, "legolink:8")
+    ref, rows = reference_logits(model, ids, spans, 8)
+    torch.testing.assert_close(first.logits, ref[-len(first.positions):], atol=1e-4, rtol=0)
+    again = run_logits(engine, ids, spans, "legolink:8")
+    n = len(again.positions)  # the second request also reuses PRE's exact prefix block
+    torch.testing.assert_close(again.logits, first.logits[-n:], atol=1e-4, rtol=0)
+    assert again.usage.num_module_hits == 2 and first.usage.num_module_hits == 0
+
+
+def test_concurrent_requests_sharing_modules_under_a_small_pool_finish_and_leak_nothing(model) -> None:
+    engine = engine_for(model, kv_cache_tokens=640, max_num_seqs=4, max_prefill_tokens=32)
+    docs = [tokens(20 + i, 30 + 7 * i) for i in range(4)]
+    rng = torch.Generator().manual_seed(5)
+    rids = []
+    for i in range(12):
+        order = torch.randperm(4, generator=rng).tolist()[:2 + i % 3]
+        ids, spans = layout((PRE, False), *[(docs[j], True) for j in order], (tokens(100 + i, 5), False))
+        repair = ("none", "legolink:4", "cacheblend:0.2", "full")[i % 4]
+        rids.append(engine.add_request(ids, SamplingParams(max_tokens=3, temperature=0), modules=spans,
+                                       module_repair=repair))
+    done = engine.run_until_done(rids)
+    assert all(c.finish_reason == "length" for c in done), [c.error for c in done]
+    assert engine.stats().modules.num_hits > 0
+    engine.check_integrity()
+    assert engine.cache.pool.usage().num_in_use == 0  # nothing held once every request has finished
