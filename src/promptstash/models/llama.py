@@ -203,8 +203,11 @@ class LlamaModel:
         """
         freqs = float(shift) * self.inv_freq.double()  # [D / 2]
         emb = torch.cat((freqs, freqs))  # [D]
-        cos, sin = emb.cos().to(k.dtype), emb.sin().to(k.dtype)
-        return k * cos + _rotate_half(k) * sin
+        # NOTE: half-precision keys are rotated in float32 and rounded once, not at every operation
+        work = torch.float32 if k.dtype in (torch.bfloat16, torch.float16) else k.dtype
+        cos, sin = emb.cos().to(work), emb.sin().to(work)
+        kw = k.to(work)
+        return (kw * cos + _rotate_half(kw) * sin).to(k.dtype)
 
     def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One query token over its whole context: [H_q, D] x [ctx, H_kv, D] -> [H_q, D].
