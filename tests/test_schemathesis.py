@@ -10,13 +10,16 @@ Every operation in the document gets a bounded, reproducible run (fixed seed, no
 - for a stream: end properly (data: [DONE] / event: message_stop) within the timeout.
 With API keys configured, fuzzed requests without the key must all get a documented 401.
 
-max_tokens is clamped to MAX_TOKENS (and is the server's default) so generation stays fast. For a deeper run:
+max_tokens is clamped to MAX_TOKENS (and is the server's default) so generation stays fast. Module parts
+(`{"type": "module", "id": ...}`) name a module registered by the fixture (REGISTERED_MODULE): a random id is
+unknown to the server, a state no schema can state. For a deeper run:
 PROMPTSTASH_FUZZ_EXAMPLES=500 PROMPTSTASH_FUZZ_SHRINK=1 pytest tests/test_schemathesis.py
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -56,10 +59,18 @@ OPERATIONS = [
     ("GET", "/v1/cache/requests"),
     ("GET", "/v1/cache/requests/{request_id}/miss"),
     ("GET", "/v1/cache/prefixes"),
+    ("POST", "/v1/modules"),
+    ("GET", "/v1/modules"),
+    ("DELETE", "/v1/modules/{module_id}"),
 ]
 # Operations with parameters or a body: the only ones with schema-invalid requests to send.
 # (GET /v1/cache/requests/{request_id}/miss has none either: any string is a valid path segment.)
-WITH_INPUT = {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/cache/requests", "/v1/cache/prefixes"}
+WITH_INPUT = {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/messages", "GET /v1/cache/requests",
+              "GET /v1/cache/prefixes", "POST /v1/modules"}
+# Any string is a valid path segment: a schema-valid id may name nothing (404), so most answers are 404s.
+PATH_IDS = {"/v1/cache/requests/{request_id}/miss", "/v1/modules/{module_id}"}
+REGISTERED_MODULE = "fuzz-doc"
+MODULE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")  # the documented id pattern
 # A schema-valid request may still get a 400 for a rule JSON Schema cannot state; these are the messages.
 CROSS_FIELD_RULES = ("context window", "cache_control", "longer TTLs must come first")
 STREAM_END = {"/v1/chat/completions": b"data: [DONE]", "/v1/completions": b"data: [DONE]",
@@ -70,6 +81,10 @@ STREAM_END = {"/v1/chat/completions": b"data: [DONE]", "/v1/completions": b"data
 def live(tmp_path_factory):
     engine = tiny_chat_engine(tmp_path_factory.mktemp("schemathesis"))
     with LiveServer(engine, ServerConfig(default_max_tokens=MAX_TOKENS)) as server:
+        response = requests.post(server.url + "/v1/modules", timeout=REQUEST_TIMEOUT_S,
+                                 json={"text": "a registered module for the fuzzer", "id": REGISTERED_MODULE,
+                                       "ttl": "24h"})
+        assert response.status_code == 200, response.text
         yield server
 
 
@@ -102,7 +117,8 @@ def _number(value: Any) -> bool:
 
 
 def _adjust(case, max_model_len: int) -> None:
-    """Keep generation short: a valid max_tokens above MAX_TOKENS becomes MAX_TOKENS (invalid ones stay)."""
+    """Keep generation short: a valid max_tokens above MAX_TOKENS becomes MAX_TOKENS (invalid ones stay). A module
+    part's id (when it fits the documented pattern: validity unchanged) names the registered module."""
     body = case.body
     if not isinstance(body, dict):
         return
@@ -110,6 +126,14 @@ def _adjust(case, max_model_len: int) -> None:
         value = body.get(field)
         if _number(value) and MAX_TOKENS < value <= max_model_len and float(value).is_integer():
             body[field] = MAX_TOKENS
+    contents = [body.get("system")]
+    if isinstance(body.get("messages"), list):
+        contents += [m.get("content") for m in body["messages"] if isinstance(m, dict)]
+    for content in contents:
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") == "module" and isinstance(part.get("id"), str) \
+                    and MODULE_ID.match(part["id"]):
+                part["id"] = REGISTERED_MODULE
 
 
 def _error_message(response) -> str:
@@ -132,7 +156,7 @@ def _check(case, response, elapsed: float, mode: GenerationMode) -> None:
     if mode is GenerationMode.POSITIVE:
         ok = 200 <= status < 300
         ok = ok or (status == 400 and any(rule in _error_message(response) for rule in CROSS_FIELD_RULES))
-        ok = ok or (status == 404 and case.operation.path == "/v1/cache/requests/{request_id}/miss")
+        ok = ok or (status == 404 and case.operation.path in PATH_IDS)
         assert ok, f"schema-valid request rejected with {status} {_error_message(response)!r}: {where}"
     if status == 200 and "text/event-stream" in response.headers.get("content-type", ""):
         assert not response.stream_cut_short, f"stream did not end within {REQUEST_TIMEOUT_S} s: {where}"
@@ -146,7 +170,7 @@ MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 @pytest.mark.parametrize("mode", MODES, ids=[m.value for m in MODES])
 @pytest.mark.parametrize("method,path", OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
 def test_fuzz(api, live, session, method: str, path: str, mode: GenerationMode) -> None:
-    if mode is GenerationMode.NEGATIVE and path not in WITH_INPUT:
+    if mode is GenerationMode.NEGATIVE and f"{method} {path}" not in WITH_INPUT:
         pytest.skip("no parameters or body: nothing schema-invalid to send")
     operation = api[path][method]
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if SHRINK else [])
@@ -167,7 +191,7 @@ def test_fuzz(api, live, session, method: str, path: str, mode: GenerationMode) 
     run()
     print(f"{method} {path} {mode.value}: {seen['n']} requests, statuses {dict(sorted(seen['statuses'].items()))}")
     assert seen["n"] > 0
-    if mode is GenerationMode.POSITIVE and "{request_id}" not in path:  # fuzzing reaches the engine, not just 400s
+    if mode is GenerationMode.POSITIVE and path not in PATH_IDS:  # fuzzing reaches the engine, not just 400s
         assert seen["statuses"].get(200, 0) >= seen["n"] // 2, seen
     # The server must still answer, and must have finished (or aborted) every request it was sent.
     assert session.get(live.url + "/health", timeout=REQUEST_TIMEOUT_S).status_code == 200

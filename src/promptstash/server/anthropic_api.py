@@ -5,26 +5,42 @@ a 1h breakpoint may not follow a 5m one; a breakpoint whose prefix is shorter th
 length writes nothing and is no error; `max_tokens: 0` only warms the cache.
 Usage: `input_tokens` excludes tokens read from (`cache_read_input_tokens`) and written to
 (`cache_creation_input_tokens`, split by TTL in `cache_creation`) the cache.
+
+Modules: a text block (in `system` or a message's content) with `"module": true` is a module (tokenized on its
+own; its K/V are reused wherever it appears; its cache_control TTL becomes the module's), and
+`{"type": "module", "id": ...}` uses a module registered with POST /v1/modules in the caller's tenant.
+`module_repair` picks what is recomputed where modules are assembled. A prompt with modules gets
+`usage.promptstash` (prefix- and module-reused, recomputed and computed tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from promptstash.cache.manager import TTL_SECONDS
+from promptstash.cache.modules import ModuleRepair, ModuleSpan
 from promptstash.engine.engine import Completion, Usage
 from promptstash.engine.sampling import SamplingParams
 from promptstash.errors import ContextLengthError
-from promptstash.prompts import ChatMessage, TextBlock, render
-from promptstash.server.common import SSE_HEADERS, new_request_id, sse, submit
+from promptstash.prompts import ChatMessage, TextBlock
+from promptstash.server.common import (
+    SSE_HEADERS,
+    module_flag,
+    module_id_field,
+    module_repair_field,
+    new_request_id,
+    sse,
+    submit,
+    usage_extension,
+)
 from promptstash.server.errors import APIError
-from promptstash.server.state import ServerState, cache_namespace, wait_for_completion
+from promptstash.server.state import ServerState, cache_namespace, registry_namespace, wait_for_completion
 from promptstash.server.validate import Body, parse_json_object
 
 MAX_BREAKPOINTS = 4
@@ -55,11 +71,21 @@ def _blocks(content: Any, where: str) -> tuple[TextBlock, ...]:
         if not isinstance(raw, dict):
             raise APIError(400, f"{w}: expected a content block object")
         block = Body(raw, w)
+        module = module_flag(raw, w)
         kind = block.str("type", required=True)
+        if kind == "module":
+            blocks.append(TextBlock("", _cache_control(raw.get("cache_control"), f"{w}.cache_control"),
+                                    module_id=module_id_field(raw, w)))
+            continue
         if kind != "text":
-            raise block.fail("type", f"only text content blocks are supported, got {kind!r}")
-        blocks.append(TextBlock(block.str("text", required=True), _cache_control(raw.get("cache_control"),
-                                                                                  f"{w}.cache_control")))
+            if module:
+                raise block.fail("module", f"only text blocks can be modules (\"module\": true), got type {kind!r}")
+            raise block.fail("type", f"only text content blocks (and {{\"type\": \"module\", \"id\": ...}}) are "
+                                     f"supported, got {kind!r}")
+        text = block.str("text", required=True)
+        if module and not text:
+            raise block.fail("text", "a module must not be empty")
+        blocks.append(TextBlock(text, _cache_control(raw.get("cache_control"), f"{w}.cache_control"), module=module))
     return tuple(blocks)
 
 
@@ -84,7 +110,7 @@ def _messages(body: Body) -> list[ChatMessage]:
         ttls.append(automatic)
         last = messages[-1]
         if last.blocks[-1].ttl_class is None:
-            messages[-1] = ChatMessage(last.role, last.blocks[:-1] + (TextBlock(last.blocks[-1].text, automatic),))
+            messages[-1] = ChatMessage(last.role, last.blocks[:-1] + (replace(last.blocks[-1], ttl_class=automatic),))
     if len(ttls) > MAX_BREAKPOINTS:
         raise APIError(400, f"a maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided; "
                             f"found {len(ttls)}")
@@ -95,16 +121,20 @@ def _messages(body: Body) -> list[ChatMessage]:
     return messages
 
 
-def usage_json(usage: Usage) -> dict[str, Any]:
+def usage_json(usage: Usage, extension: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Anthropic usage; `extension` (usage_extension: a prompt with modules) is added as usage.promptstash."""
     w5 = usage.cache_write_tokens.get("5m", 0)
     w1 = usage.cache_write_tokens.get("1h", 0) + usage.cache_write_tokens.get("24h", 0)
-    return {
+    doc = {
         "input_tokens": usage.prompt_tokens - usage.cached_tokens - w5 - w1,
         "cache_creation_input_tokens": w5 + w1,
         "cache_read_input_tokens": usage.cached_tokens,
         "cache_creation": {"ephemeral_5m_input_tokens": w5, "ephemeral_1h_input_tokens": w1},
         "output_tokens": usage.completion_tokens,
     }
+    if extension is not None:
+        doc["promptstash"] = extension
+    return doc
 
 
 def _stop(completion: Completion) -> tuple[str, str | None]:
@@ -125,6 +155,12 @@ class _Prepared:
     namespace: str
     token_ids: list[int]
     breakpoints: list[tuple[int, str]]
+    modules: tuple[ModuleSpan, ...] = ()
+    module_repair: ModuleRepair | None = None  # None: the engine's default
+
+    def usage(self, state: ServerState, usage: Usage) -> dict[str, Any]:
+        return usage_json(usage, usage_extension(usage, bool(self.modules), self.module_repair,
+                                                 state.engine.default_module_repair))
 
 
 def _prepare(state: ServerState, raw: bytes, tenant: str) -> _Prepared:
@@ -148,17 +184,18 @@ def _prepare(state: ServerState, raw: bytes, tenant: str) -> _Prepared:
     if body.data.get("tools"):
         raise body.fail("tools", "tool use is not supported")
     namespace = cache_namespace(tenant, body.str("cache_salt"))
+    repair = module_repair_field(body)
     messages = _messages(body)
     state.check_prompt_chars(sum(len(b.text) for m in messages for b in m.blocks), "messages")
     try:
-        prompt = render(state.engine.tokenizer, messages)
+        prompt = state.engine.render(messages, registry_namespace(tenant))
     except ContextLengthError as exc:
         raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
     minimum = state.config.min_cacheable_tokens
     breakpoints = [(n, ttl) for n, ttl in prompt.breakpoints if n >= minimum]
-    return _Prepared(model, sampling, stream, namespace, prompt.token_ids, breakpoints)
+    return _Prepared(model, sampling, stream, namespace, prompt.token_ids, breakpoints, prompt.modules, repair)
 
 
 def register(app: FastAPI, state: ServerState) -> None:
@@ -169,7 +206,8 @@ def register(app: FastAPI, state: ServerState) -> None:
         p = await asyncio.to_thread(_prepare, state, raw, tenant)
         rid = new_request_id()
         submission = await submit(state, p.token_ids, p.sampling, p.namespace, tenant=tenant,
-                                  breakpoints=p.breakpoints, overloaded_status=529, request_id=rid)
+                                  breakpoints=p.breakpoints, overloaded_status=529, request_id=rid,
+                                  modules=p.modules, module_repair=p.module_repair if p.modules else None)
         base = {"id": "msg_" + rid, "type": "message", "role": "assistant", "model": p.model}
         headers = {"x-request-id": rid, "request-id": rid}
         if not p.stream:
@@ -177,12 +215,12 @@ def register(app: FastAPI, state: ServerState) -> None:
             if completion is None:
                 return JSONResponse({}, status_code=499)  # the client has gone; nobody reads this
             stop_reason, stop_sequence = _stop(completion)
-            state.stats.record("messages", completion, tenant)
+            state.stats.record("messages", completion, tenant, modules=p.modules)
             content = [{"type": "text", "text": completion.text}] if completion.usage.completion_tokens else []
             return JSONResponse({**base, "content": content, "stop_reason": stop_reason,
-                                 "stop_sequence": stop_sequence, "usage": usage_json(completion.usage)},
+                                 "stop_sequence": stop_sequence, "usage": p.usage(state, completion.usage)},
                                 headers=headers)
-        return StreamingResponse(_events(state, submission, base, tenant), media_type="text/event-stream",
+        return StreamingResponse(_events(state, submission, base, tenant, p), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **headers})
 
 
@@ -193,7 +231,8 @@ def _stop_sequences(body: Body) -> list[str]:
     return items
 
 
-async def _events(state: ServerState, submission, base: dict[str, Any], tenant: str) -> AsyncIterator[str]:
+async def _events(state: ServerState, submission, base: dict[str, Any], tenant: str, p: _Prepared
+                  ) -> AsyncIterator[str]:
     """message_start, content_block_start, content_block_delta*, content_block_stop, message_delta, message_stop.
 
     message_start waits for the first update, so its usage already holds the real cache read and write.
@@ -203,7 +242,7 @@ async def _events(state: ServerState, submission, base: dict[str, Any], tenant: 
         async for update in submission.updates():
             if not started:
                 started = True
-                usage = usage_json(submission.usage())
+                usage = p.usage(state, submission.usage())
                 usage["output_tokens"] = 0
                 yield sse({"type": "message_start", "message": {**base, "content": [], "stop_reason": None,
                                                                 "stop_sequence": None, "usage": usage}},
@@ -221,7 +260,7 @@ async def _events(state: ServerState, submission, base: dict[str, Any], tenant: 
         except APIError as exc:
             yield sse({"type": "error", "error": {"type": "api_error", "message": exc.message}}, "error")
             return
-        state.stats.record("messages", completion, tenant)
+        state.stats.record("messages", completion, tenant, modules=p.modules)
         if completion.usage.completion_tokens and not block_open:
             block_open = True
             yield sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
@@ -229,7 +268,7 @@ async def _events(state: ServerState, submission, base: dict[str, Any], tenant: 
         if block_open:
             yield sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
         yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                   "usage": usage_json(completion.usage)}, "message_delta")
+                   "usage": p.usage(state, completion.usage)}, "message_delta")
         yield sse({"type": "message_stop"}, "message_stop")
     finally:
         submission.abort_soon()

@@ -1,6 +1,6 @@
 """The ASGI app: errors, the non-model routes (/health, /v1/models, /metrics, /v1/cache/*, /dashboard) and the
---metrics-port listener. The model routes live in openai_api.py and anthropic_api.py; the state they share
-(auth, tenants, namespaces, body limits) in state.py."""
+--metrics-port listener. The model routes live in openai_api.py and anthropic_api.py, the module registry
+(/v1/modules) in modules_api.py; the state they share (auth, tenants, namespaces, body limits) in state.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from promptstash.config import ServerConfig
 from promptstash.engine.engine import Engine
-from promptstash.server import anthropic_api, openai_api
+from promptstash.server import anthropic_api, modules_api, openai_api
 from promptstash.server.dashboard import DASHBOARD_HTML
 from promptstash.server.errors import APIError, error_response
 from promptstash.server.loop import EngineLoop
@@ -155,7 +155,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/v1/cache/requests/{request_id}/miss")
     async def why_miss(request: Request, request_id: str) -> dict[str, Any]:
-        """Why did this request miss? Where its prompt first diverged from the closest earlier prompt."""
+        """Why did this request miss? Where its prompt first diverged from the closest earlier prompt, and what
+        became of its modules (hits, misses, reused and recomputed tokens)."""
         who = scope(request)
         report = await asyncio.to_thread(state.stats.recent.divergence, request_id, who)
         if report is None:
@@ -176,4 +177,5 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     openai_api.register(app, state)
     anthropic_api.register(app, state)
+    modules_api.register(app, state)
     return app

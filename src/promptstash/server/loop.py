@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
+from promptstash.cache.modules import ModuleRepair, ModuleSpan
 from promptstash.engine.engine import Completion, Engine, Prompt, Usage
 from promptstash.engine.request import RequestUpdate
 from promptstash.engine.sampling import SamplingParams
@@ -201,9 +202,12 @@ class EngineLoop:
             self.engine.abort(rid)
 
     async def submit(self, prompt: Prompt, sampling: SamplingParams, *, namespace: str, tenant: str | None = None,
-                     cache_breakpoints: Sequence[tuple[int, str]] = (), request_id: str | None = None) -> Submission:
+                     cache_breakpoints: Sequence[tuple[int, str]] = (), request_id: str | None = None,
+                     modules: Sequence[ModuleSpan] = (), module_repair: str | ModuleRepair | None = None
+                     ) -> Submission:
         """Queue a request. Raises QueueFullError / TenantQueueFullError, or the engine's InvalidRequestError /
-        ContextLengthError."""
+        ContextLengthError. modules / module_repair: the prompt's module spans and the repair strategy (None:
+        the engine's default), passed to engine.add_request."""
         tenant = namespace if tenant is None else tenant
         with self._lock:
             if self.num_active >= self.max_queued_requests:
@@ -230,7 +234,8 @@ class EngineLoop:
                 try:
                     added = self.engine.add_request(prompt, sampling, namespace=namespace, tenant=tenant,
                                                     request_id=rid, on_update=on_update, detach=True,
-                                                    cache_breakpoints=cache_breakpoints)
+                                                    cache_breakpoints=cache_breakpoints, modules=modules,
+                                                    module_repair=module_repair)
                     submission.added = True
                     return added
                 except BaseException:

@@ -6,12 +6,16 @@ NOTE: every counter is fed from the same usage object that the response carries,
 figures (its totals; its series of the per-request families, labelled tenant=...); the pool, the tiers and
 the engine are shared by all tenants, so only an admin (or the metrics key, or the local tenant when no
 keys are configured) sees them. Engine figures come from engine.stats() and engine.config alone.
+
+Modules: a tenant's totals count its own module lookups, hits and reused / recomputed tokens (from usage); the
+engine-wide module figures (modules cached in the pool, their blocks and bytes, registry size, tier hits) are
+shared like the pool's, so only an admin sees them (/v1/cache/stats "modules", promptstash_module_* metrics).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from promptstash.cache.modules import ModuleSpan
 from promptstash.config import PriceSheet
 from promptstash.engine.engine import Completion, Engine
 from promptstash.server.recent import RecentRequests
@@ -37,13 +42,18 @@ class Totals:
     num_refused_writes: int = 0
     computed_prompt_tokens: int = 0  # uncached prompt tokens of requests that computed some
     prefill_seconds: float = 0.0  # their time to first token
+    module_lookups: int = 0  # modules in prompts, outside the reused prefix (usage.num_modules)
+    module_hits: int = 0  # of those, found in the cache
+    module_cached_tokens: int = 0  # module tokens reused and not recomputed (part of cached_tokens)
+    module_recomputed_tokens: int = 0  # module tokens loaded but recomputed by the repair strategy
 
     def copy(self) -> Totals:
         return replace(self, cache_write_tokens=dict(self.cache_write_tokens))
 
     def add(self, other: Totals) -> None:
         for name in ("num_requests", "prompt_tokens", "cached_tokens", "completion_tokens", "num_refused_writes",
-                     "computed_prompt_tokens", "prefill_seconds"):
+                     "computed_prompt_tokens", "prefill_seconds", "module_lookups", "module_hits",
+                     "module_cached_tokens", "module_recomputed_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for ttl, n in other.cache_write_tokens.items():
             self.cache_write_tokens[ttl] = self.cache_write_tokens.get(ttl, 0) + n
@@ -96,9 +106,10 @@ class ServerStats:
         """What /metrics shows a tenant's key: its own series of the per-request families, nothing shared."""
         return TenantView(self._per_request, tenant)
 
-    def record(self, route: str, completion: Completion, tenant: str) -> None:
+    def record(self, route: str, completion: Completion, tenant: str, *, modules: Sequence[ModuleSpan] = ()) -> None:
+        """One finished response; `modules`: the prompt's module spans (for "why did this miss?")."""
         u, t = completion.usage, completion.timings
-        self.recent.add(route, completion.request_id, completion, tenant)
+        self.recent.add(route, completion.request_id, completion, tenant, modules=modules)
         with self._lock:
             tot = self.totals.setdefault(tenant, Totals())
             tot.num_requests += 1
@@ -109,6 +120,10 @@ class ServerStats:
                 tot.cache_write_tokens[ttl] = tot.cache_write_tokens.get(ttl, 0) + n
                 self.m_written.labels(ttl, tenant).inc(n)
             tot.num_refused_writes += int(u.cache_write_refused)
+            tot.module_lookups += u.num_modules
+            tot.module_hits += u.num_module_hits
+            tot.module_cached_tokens += u.module_cached_tokens
+            tot.module_recomputed_tokens += u.recomputed_tokens
             if u.prompt_tokens > u.cached_tokens:
                 tot.computed_prompt_tokens += u.prompt_tokens - u.cached_tokens
                 tot.prefill_seconds += t.ttft_s
@@ -151,9 +166,20 @@ class ServerStats:
         }
         doc["requests"] = {"waiting": stats.num_waiting, "loading": stats.num_loading, "running": stats.num_running,
                            "errors": stats.num_errors}
+        doc["modules"] = self._engine_modules_json(stats.modules)
         doc["tiers"] = [dict(t.__dict__) for t in stats.tiers]
         doc["dropped_tier_writes"] = stats.num_dropped_tier_writes
         return doc
+
+    @staticmethod
+    def _engine_modules_json(m: Any) -> dict[str, Any]:
+        """Engine-wide module figures (every tenant's): admin only, like the pool."""
+        return {
+            "lookups": m.num_lookups, "hits": m.num_hits, "tier_hits": m.num_tier_hits, "hit_rate": m.hit_rate,
+            "reused_tokens": m.num_reused_tokens, "recomputed_tokens": m.num_recomputed_tokens,
+            "stored": m.num_stored, "cached": m.num_cached, "blocks": m.num_blocks, "bytes": m.num_bytes,
+            "registered": m.num_registered,
+        }
 
     def _totals_json(self, tot: Totals) -> dict[str, Any]:
         p = self.prices
@@ -175,6 +201,12 @@ class ServerStats:
             "hit_rate": tot.cached_tokens / tot.prompt_tokens if tot.prompt_tokens else 0.0,
             "cache_write_tokens": tot.cache_write_tokens,
             "refused_writes": tot.num_refused_writes,
+            "prefix_cached_tokens": tot.cached_tokens - tot.module_cached_tokens,
+            "module_usage": {
+                "lookups": tot.module_lookups, "hits": tot.module_hits,
+                "hit_rate": tot.module_hits / tot.module_lookups if tot.module_lookups else 0.0,
+                "reused_tokens": tot.module_cached_tokens, "recomputed_tokens": tot.module_recomputed_tokens,
+            },
             "savings": {
                 "prefill_tokens_per_s": rate,
                 "prefill_seconds_saved": tot.cached_tokens / rate if rate else 0.0,
@@ -218,6 +250,7 @@ class _PoolCollector:
         yield state
         yield CounterMetricFamily("promptstash_request_errors", "Requests finished with an error",
                                   value=stats.num_errors)
+        yield from _module_families(stats.modules)
         if not stats.tiers:
             return
         gauges = {"num_entries": "Entries stored", "num_bytes": "Bytes stored"}
@@ -236,3 +269,27 @@ class _PoolCollector:
             yield family
         yield CounterMetricFamily("promptstash_tier_dropped_writes", "Tier writes dropped (write queue full)",
                                   value=stats.num_dropped_tier_writes)
+
+
+MODULE_COUNTERS = {  # ModuleStats field -> (metric name, help); engine-wide, so admin only like the pool
+    "num_lookups": ("promptstash_module_lookups", "Modules looked up in the cache (outside a reused prefix)"),
+    "num_hits": ("promptstash_module_hits", "Module lookups that hit (in the pool or a tier)"),
+    "num_tier_hits": ("promptstash_module_tier_hits", "Module hits loaded from a tier (disk, Redis)"),
+    "num_reused_tokens": ("promptstash_module_reused_tokens", "Module tokens reused and not recomputed"),
+    "num_recomputed_tokens": ("promptstash_module_recomputed_tokens",
+                              "Module tokens loaded from the cache but recomputed by the repair strategy"),
+    "num_stored": ("promptstash_module_stored", "Modules computed in isolation and stored"),
+}
+MODULE_GAUGES = {
+    "num_cached": ("promptstash_module_cached", "Distinct modules whose blocks are all in the pool now"),
+    "num_blocks": ("promptstash_module_blocks", "Pool blocks held by modules now"),
+    "num_bytes": ("promptstash_module_bytes", "K/V bytes of the pool blocks held by modules now"),
+    "num_registered": ("promptstash_module_registered", "Modules in the registry (POST /v1/modules), all tenants"),
+}
+
+
+def _module_families(modules: Any) -> Iterator[Metric]:
+    for key, (name, text) in MODULE_COUNTERS.items():
+        yield CounterMetricFamily(name, text, value=getattr(modules, key))
+    for key, (name, text) in MODULE_GAUGES.items():
+        yield GaugeMetricFamily(name, text, value=getattr(modules, key))

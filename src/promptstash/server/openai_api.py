@@ -3,6 +3,11 @@
 Caching is automatic (every request reuses the longest cached prefix of its tenant's namespace);
 `prompt_cache_retention: "24h"` protects the prompt's blocks under the 24-hour TTL class.
 Usage: `prompt_tokens` includes cached tokens; `prompt_tokens_details.cached_tokens` is the engine's reuse.
+
+Modules (chat only): a text part `{"type": "text", "text": ..., "module": true}` is a module (tokenized on its
+own; its K/V are reused wherever it appears), `{"type": "module", "id": ...}` uses a module registered with
+POST /v1/modules in the caller's tenant. `module_repair` picks what is recomputed where modules are assembled.
+A prompt with modules gets `usage.promptstash` (prefix- and module-reused, recomputed and computed tokens).
 """
 
 from __future__ import annotations
@@ -16,13 +21,23 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from promptstash.cache.modules import ModuleRepair, ModuleSpan
 from promptstash.engine.engine import Completion, Prompt, Usage
 from promptstash.engine.sampling import SamplingParams
 from promptstash.errors import ContextLengthError
-from promptstash.prompts import ChatMessage, TextBlock, render
-from promptstash.server.common import SSE_HEADERS, new_request_id, sse, submit
+from promptstash.prompts import ChatMessage, TextBlock
+from promptstash.server.common import (
+    SSE_HEADERS,
+    module_flag,
+    module_id_field,
+    module_repair_field,
+    new_request_id,
+    sse,
+    submit,
+    usage_extension,
+)
 from promptstash.server.errors import APIError
-from promptstash.server.state import ServerState, cache_namespace, wait_for_completion
+from promptstash.server.state import ServerState, cache_namespace, registry_namespace, wait_for_completion
 from promptstash.server.validate import Body, parse_json_object
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -39,6 +54,7 @@ class _Options:
     tenant: str
     retention: str
     max_tokens_given: bool  # else the default, capped at what the context window leaves
+    module_repair: ModuleRepair | None = None  # None: the engine's default
 
 
 def _options(state: ServerState, body: Body, tenant: str) -> _Options:
@@ -77,8 +93,9 @@ def _options(state: ServerState, body: Body, tenant: str) -> _Options:
         ignore_eos=body.bool("ignore_eos", False),
     )
     salt = body.str("cache_salt")
+    repair = module_repair_field(body)
     return _Options(model, stream, include_usage, sampling, cache_namespace(tenant, salt), tenant, retention,
-                    max_tokens is not None)
+                    max_tokens is not None, repair)
 
 
 def _chat_messages(body: Body) -> list[ChatMessage]:
@@ -98,19 +115,34 @@ def _chat_messages(body: Body) -> list[ChatMessage]:
         if isinstance(content, str):
             blocks = (TextBlock(content),)
         elif isinstance(content, list):
-            blocks = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(400, f"{where}.content[{j}]: only text parts are supported "
-                                        "({\"type\": \"text\", \"text\": ...})", param=f"{where}.content")
-                blocks.append(TextBlock(part["text"]))
-            blocks = tuple(blocks)
+            blocks = tuple(_content_part(part, f"{where}.content[{j}]", f"{where}.content")
+                           for j, part in enumerate(content))
         elif content is None and role == "assistant":
             blocks = (TextBlock(""),)
         else:
             raise m.fail("content", "expected a string or an array of text parts")
         messages.append(ChatMessage(ROLES[role], blocks))
     return messages
+
+
+def _content_part(part: Any, where: str, param: str) -> TextBlock:
+    """A text part (`"module": true` makes it a module) or `{"type": "module", "id": ...}`."""
+    if not isinstance(part, dict):
+        raise APIError(400, f"{where}: only text parts are supported ({{\"type\": \"text\", \"text\": ...}}), "
+                            "and module parts ({\"type\": \"module\", \"id\": ...})", param=param)
+    module = module_flag(part, where)
+    kind = part.get("type")
+    if kind == "module":
+        return TextBlock("", module_id=module_id_field(part, where))
+    if kind == "text" and isinstance(part.get("text"), str):
+        if module and not part["text"]:
+            raise APIError(400, f"{where}.text: a module must not be empty", param=f"{where}.text")
+        return TextBlock(part["text"], module=module)
+    if module and kind != "text":
+        raise APIError(400, f"{where}: only text parts can be modules (\"module\": true), got type {kind!r}",
+                       param=f"{where}.module")
+    raise APIError(400, f"{where}: only text parts are supported ({{\"type\": \"text\", \"text\": ...}}), "
+                        "and module parts ({\"type\": \"module\", \"id\": ...})", param=param)
 
 
 def _integral(value: Any) -> bool:
@@ -133,8 +165,9 @@ def _completion_prompt(body: Body) -> Prompt:
     raise body.fail("prompt", "expected a non-empty string or array of token ids (one prompt per request)")
 
 
-def usage_json(usage: Usage) -> dict[str, Any]:
-    return {
+def usage_json(usage: Usage, extension: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OpenAI usage; `extension` (usage_extension: a prompt with modules) is added as usage.promptstash."""
+    doc = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
@@ -142,6 +175,9 @@ def usage_json(usage: Usage) -> dict[str, Any]:
                                   "cache_write_tokens": usage.num_cache_write_tokens},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
+    if extension is not None:
+        doc["promptstash"] = extension
+    return doc
 
 
 def _finish_reason(completion: Completion) -> str:
@@ -150,22 +186,25 @@ def _finish_reason(completion: Completion) -> str:
     return FINISH_REASONS[completion.finish_reason]
 
 
-def _prepare_chat(state: ServerState, raw: bytes, tenant: str) -> tuple[_Options, list[int]]:
-    """Body bytes -> options and prompt tokens: JSON, validation, the character cap, the chat template and
-    the tokenizer. Runs on a worker thread: none of it may hold up the event loop."""
+def _prepare_chat(state: ServerState, raw: bytes, tenant: str) -> tuple[_Options, list[int], tuple[ModuleSpan, ...]]:
+    """Body bytes -> options, prompt tokens and module spans: JSON, validation, the character cap, the chat
+    template and the tokenizer (module ids resolve in the request's namespace). Runs on a worker thread: none
+    of it may hold up the event loop."""
     body = Body(parse_json_object(raw, state.config.max_body_bytes))
     opts = _options(state, body, tenant)
     messages = _chat_messages(body)
     state.check_prompt_chars(sum(len(b.text) for m in messages for b in m.blocks), "messages")
     try:
-        return opts, render(state.engine.tokenizer, messages).token_ids
+        rendered = state.engine.render(messages, registry_namespace(tenant))
+        return opts, rendered.token_ids, rendered.modules
     except ContextLengthError as exc:
         raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
 
 
-def _prepare_completion(state: ServerState, raw: bytes, tenant: str) -> tuple[_Options, list[int]]:
+def _prepare_completion(state: ServerState, raw: bytes, tenant: str
+                        ) -> tuple[_Options, list[int], tuple[ModuleSpan, ...]]:
     """As _prepare_chat, for /v1/completions (a text prompt or token ids)."""
     body = Body(parse_json_object(raw, state.config.max_body_bytes))
     opts = _options(state, body, tenant)
@@ -177,10 +216,10 @@ def _prepare_completion(state: ServerState, raw: bytes, tenant: str) -> tuple[_O
         raise body.fail("best_of", "only best_of=1 is supported")
     prompt = _completion_prompt(body)
     if not isinstance(prompt, str):
-        return opts, list(prompt)
+        return opts, list(prompt), ()
     state.check_prompt_chars(len(prompt), "prompt")
     try:
-        return opts, state.engine.tokenize(prompt)
+        return opts, state.engine.tokenize(prompt), ()
     except ContextLengthError as exc:
         raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from None
     except ValueError as exc:
@@ -192,25 +231,31 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request):
         tenant = state.tenant(request)
         raw = await state.read_body(request)
-        opts, token_ids = await asyncio.to_thread(_prepare_chat, state, raw, tenant)
-        return await _respond(state, request, "chat", token_ids, opts)
+        opts, token_ids, modules = await asyncio.to_thread(_prepare_chat, state, raw, tenant)
+        return await _respond(state, request, "chat", token_ids, opts, modules)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         tenant = state.tenant(request)
         raw = await state.read_body(request)
-        opts, token_ids = await asyncio.to_thread(_prepare_completion, state, raw, tenant)
-        return await _respond(state, request, "text", token_ids, opts)
+        opts, token_ids, modules = await asyncio.to_thread(_prepare_completion, state, raw, tenant)
+        return await _respond(state, request, "text", token_ids, opts, modules)
 
 
-async def _respond(state: ServerState, request: Request, kind: str, token_ids: list[int], opts: _Options):
+async def _respond(state: ServerState, request: Request, kind: str, token_ids: list[int], opts: _Options,
+                   modules: tuple[ModuleSpan, ...] = ()):
     breakpoints = [(len(token_ids), "24h")] if opts.retention == "24h" else []
     if not opts.max_tokens_given:  # as OpenAI does: never more than the context window leaves
         room = max(1, state.engine.max_model_len - len(token_ids))
         opts = replace(opts, sampling=replace(opts.sampling, max_tokens=min(opts.sampling.max_tokens, room)))
     rid = new_request_id()
     submission = await submit(state, token_ids, opts.sampling, opts.namespace, tenant=opts.tenant,
-                              breakpoints=breakpoints, request_id=rid)
+                              breakpoints=breakpoints, request_id=rid, modules=modules,
+                              module_repair=opts.module_repair if modules else None)
+
+    def usage(u: Usage) -> dict[str, Any]:
+        return usage_json(u, usage_extension(u, bool(modules), opts.module_repair, state.engine.default_module_repair))
+
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     obj = "chat.completion" if kind == "chat" else "text_completion"
     created = int(time.time())
@@ -221,14 +266,14 @@ async def _respond(state: ServerState, request: Request, kind: str, token_ids: l
         completion = await wait_for_completion(submission, request)
         if completion is None:
             return JSONResponse({}, status_code=499)  # the client has gone; nobody reads this
-        state.stats.record(kind, completion, opts.tenant)
+        state.stats.record(kind, completion, opts.tenant, modules=modules)
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": completion.text, "refusal": None},
                       "logprobs": None, "finish_reason": _finish_reason(completion)}
         else:
             choice = {"index": 0, "text": completion.text, "logprobs": None,
                       "finish_reason": _finish_reason(completion)}
-        return JSONResponse({**base, "choices": [choice], "usage": usage_json(completion.usage)}, headers=headers)
+        return JSONResponse({**base, "choices": [choice], "usage": usage(completion.usage)}, headers=headers)
 
     chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     extra = {"usage": None} if opts.include_usage else {}
@@ -256,10 +301,10 @@ async def _respond(state: ServerState, request: Request, kind: str, token_ids: l
                 yield sse({"error": {"message": f"generation failed ({reason})", "type": "server_error",
                                      "param": None, "code": None}})
                 return
-            state.stats.record(kind, completion, opts.tenant)
+            state.stats.record(kind, completion, opts.tenant, modules=modules)
             yield chunk(None, FINISH_REASONS[reason])
             if opts.include_usage:
-                yield sse({**base, "object": chunk_obj, "choices": [], "usage": usage_json(completion.usage)})
+                yield sse({**base, "object": chunk_obj, "choices": [], "usage": usage(completion.usage)})
             yield sse("[DONE]")
         finally:
             submission.abort_soon()  # a client that went away frees its blocks now (no-op once complete)

@@ -7,7 +7,12 @@ path parameters of the GET /v1/cache/* routes, the status codes each route retur
 an API key. Schemas allow unknown fields (as the routes do: they ignore what they do not know), and give
 the limits the routes enforce (ranges, enums, the served model names, the context window), so a request that
 fits the schema is accepted unless it breaks a rule JSON Schema cannot state (prompt + max_tokens must fit
-the context window; Anthropic's at most 4 cache breakpoints, longer TTLs first). Such requests get a 400.
+the context window; Anthropic's at most 4 cache breakpoints, longer TTLs first; a module id must be registered
+in the caller's tenant). Such requests get a 400.
+
+Modules: chat content parts / Anthropic text blocks may carry `"module": true`, and a part
+`{"type": "module", "id": ...}` uses a module registered with POST /v1/modules (GET lists, DELETE forgets);
+`module_repair` picks the repair strategy; a prompt with modules gets `usage.promptstash` (UsageExtension).
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+
+from promptstash.cache.modules import MODULE_ID_PATTERN
+from promptstash.cache.ttl import TTL_SECONDS
+from promptstash.server.common import MODULE_REPAIR_PATTERN
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -60,7 +69,34 @@ def _sampling_common(max_model_len: int) -> dict[str, Any]:
         "stream": _nullable({"type": "boolean"}),
         "cache_salt": _nullable({"type": "string", "description": "isolates the cache: requests with different "
                                                                   "salts never share cached blocks"}),
+        "module_repair": _nullable({"type": "string", "pattern": MODULE_REPAIR_PATTERN.pattern,
+                                    "description": "what is recomputed where cached modules are assembled: none "
+                                                   "(concatenate as loaded), legolink[:K] (the first K tokens of each "
+                                                   "module), cacheblend[:R] (the fraction R of module tokens that "
+                                                   "deviate most), full (everything); default: the server's"}),
     }
+
+
+MODULE_ID = {"type": "string", "pattern": MODULE_ID_PATTERN.pattern,
+             "description": "the id of a module registered with POST /v1/modules by this API key's tenant"}
+
+
+def _text_parts(extra: dict[str, Any]) -> dict[str, Any]:
+    """A text part (extra: more properties, e.g. cache_control); `"module": true` makes it a module, whose text
+    must not be empty."""
+    plain = _object({"type": {"type": "string", "const": "text"}, "text": {"type": "string"},
+                     "module": _nullable({"type": "boolean", "const": False}), **extra}, ("type", "text"))
+    module = _object({"type": {"type": "string", "const": "text"}, "text": {"type": "string", "minLength": 1},
+                      "module": {"type": "boolean", "const": True,
+                                 "description": "a module: tokenized on its own, its K/V reused wherever it "
+                                                "appears"}, **extra}, ("type", "text", "module"))
+    return {"anyOf": [plain, module]}
+
+
+def _module_part(extra: dict[str, Any]) -> dict[str, Any]:
+    return _object({"type": {"type": "string", "const": "module"}, "id": MODULE_ID,
+                    "module": _nullable({"type": "boolean"}), **extra}, ("type", "id"),
+                   description="a registered module, used without resending its text")
 
 
 def _openai_options(model_names: list[str], max_model_len: int) -> dict[str, Any]:
@@ -93,10 +129,10 @@ def _openai_options(model_names: list[str], max_model_len: int) -> dict[str, Any
 
 
 def _chat_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
-    text_part = _object({"type": {"type": "string", "const": "text"}, "text": {"type": "string"}},
-                        ("type", "text"))
-    content = {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}],
-               "description": "a string or an array of text parts"}
+    part = {"anyOf": [_text_parts({}), _module_part({})]}
+    content = {"oneOf": [{"type": "string"}, {"type": "array", "items": part}],
+               "description": "a string or an array of text parts (`\"module\": true` marks a module) and module "
+                              "parts"}
     message = {"oneOf": [
         _object({"role": {"type": "string", "enum": ["system", "developer", "user"]}, "content": content},
                 ("role", "content")),
@@ -125,9 +161,8 @@ def _completion_request(model_names: list[str], max_model_len: int, vocab_size: 
 
 def _messages_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
     cache_control = _ref("CacheControl")
-    text_block = _object({"type": {"type": "string", "const": "text"}, "text": {"type": "string"},
-                          "cache_control": _nullable(cache_control)}, ("type", "text"))
-    blocks = {"type": "array", "items": text_block, "minItems": 1}
+    extra = {"cache_control": _nullable(cache_control)}
+    blocks = {"type": "array", "items": {"anyOf": [_text_parts(extra), _module_part(extra)]}, "minItems": 1}
     message = _object({"role": {"type": "string", "enum": ["user", "assistant"]},
                        "content": {"oneOf": [{"type": "string"}, blocks]}}, ("role", "content"))
     common = _sampling_common(max_model_len)
@@ -155,7 +190,8 @@ def _components() -> dict[str, Any]:
     openai_usage = _object({"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
                             "total_tokens": {"type": "integer"},
                             "prompt_tokens_details": _object({"cached_tokens": {"type": "integer"}},
-                                                             ("cached_tokens",))},
+                                                             ("cached_tokens",)),
+                            "promptstash": _ref("UsageExtension")},
                            ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"))
     finish = {"type": "string", "enum": ["stop", "length"]}
     chat_choice = _object({"index": {"type": "integer"}, "finish_reason": finish,
@@ -171,8 +207,9 @@ def _components() -> dict[str, Any]:
                         "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": 1},
                         "usage": openai_usage}, ("id", "object", "created", "model", "choices", "usage"))
 
-    anthropic_usage = _object({name: {"type": "integer", "minimum": 0} for name in (
+    anthropic_usage = _object({**{name: {"type": "integer", "minimum": 0} for name in (
         "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")},
+        "promptstash": _ref("UsageExtension")},
         ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens"))
     message = _object({
         "id": {"type": "string"}, "type": {"type": "string", "const": "message"},
@@ -182,7 +219,33 @@ def _components() -> dict[str, Any]:
         "stop_reason": {"type": "string", "enum": ["end_turn", "max_tokens", "stop_sequence"]},
         "stop_sequence": {"type": ["string", "null"]}, "usage": anthropic_usage,
     }, ("id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"))
+    count = {"type": "integer", "minimum": 0}
+    extension = _object({
+        "prefix_cached_tokens": {**count, "description": "tokens reused as an exact prefix"},
+        "module_cached_tokens": {**count, "description": "module tokens reused at their position, not recomputed"},
+        "recomputed_tokens": {**count, "description": "module tokens loaded from the cache but recomputed by the "
+                                                      "repair strategy"},
+        "computed_tokens": {**count, "description": "prompt tokens run through the model (recomputed ones "
+                                                    "included)"},
+        "num_modules": {**count, "description": "modules in the prompt outside the reused prefix"},
+        "num_module_hits": {**count, "description": "of those, found in the cache"},
+        "module_repair": {"type": ["string", "null"], "description": "the repair strategy applied"},
+    }, ("prefix_cached_tokens", "module_cached_tokens", "recomputed_tokens", "computed_tokens", "num_modules",
+        "num_module_hits", "module_repair"),
+        description="promptstash's split of a prompt with modules (present only then): prefix_cached_tokens + "
+                    "module_cached_tokens = the cached tokens the API reports")
+    module = _object({"id": MODULE_ID, "object": {"type": "string", "const": "module"}, "num_tokens": count,
+                      "ttl": {"type": "string", "enum": list(TTL_SECONDS)},
+                      "created_at": {"type": "integer", "description": "Unix seconds"},
+                      "expires_at": {"type": "integer", "description": "Unix seconds; every use restarts the TTL"}},
+                     ("id", "object", "num_tokens", "ttl", "created_at", "expires_at"))
     return {
+        "UsageExtension": extension,
+        "Module": module,
+        "ModuleList": _object({"object": {"type": "string", "const": "list"},
+                               "data": {"type": "array", "items": _ref("Module")}}, ("object", "data")),
+        "ModuleDeleted": _object({"id": {"type": "string"}, "object": {"type": "string", "const": "module"},
+                                  "deleted": {"type": "boolean", "const": True}}, ("id", "object", "deleted")),
         "CacheControl": _object({"type": {"type": "string", "const": "ephemeral"},
                                  "ttl": _nullable({"type": "string", "enum": ["5m", "1h"],
                                                    "description": "default 5m"})}, ("type",)),
@@ -202,7 +265,7 @@ def _errors(anthropic: bool, *statuses: int) -> dict[str, Any]:
     schema = _ref("AnthropicError" if anthropic else "OpenAIError")
     what = {400: "invalid request (the message names the field and the limit)",
             401: "missing or invalid API key (only when the server has keys)",
-            404: "not found", 413: "request body too large",
+            404: "not found", 413: "request body too large", 500: "computing the module failed",
             429: "too many queued requests; retry after the retry-after header",
             529: "overloaded: too many queued requests; retry after the retry-after header"}
     return {str(s): _json_response(what[s], schema) for s in statuses}
@@ -266,6 +329,32 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             "uncached, cache writes and cache reads.")),
     ):
         paths.setdefault(path, {}).setdefault("post", {}).update(route)  # keeps FastAPI's operationId
+
+    module_body = _object({
+        "text": {"type": "string", "minLength": 1, "description": "the module's text, tokenized on its own"},
+        "id": _nullable({**MODULE_ID, "description": "its id (default: a generated mod_... id); registering an id "
+                                                     "again replaces that module"}),
+        "ttl": _nullable({"type": "string", "enum": list(TTL_SECONDS),
+                          "description": "the registry forgets the module this long after its last use (default "
+                                         "5m); its blocks are protected in the pool as long"}),
+    }, ("text",))
+    paths.setdefault("/v1/modules", {}).setdefault("post", {}).update({
+        "summary": "Register and precompute a module",
+        "description": "Tokenizes the text on its own, computes its K/V in isolation and registers it under an id "
+                       "for this API key's tenant; `{\"type\": \"module\", \"id\": ...}` parts then use it.",
+        "requestBody": {"required": True, "content": {JSON: {"schema": module_body}}},
+        "responses": {"200": _json_response("the registered module", _ref("Module")),
+                      **_errors(False, 400, 413, 429, 500)},
+    })
+    paths["/v1/modules"].setdefault("get", {}).update({
+        "summary": "This tenant's registered modules",
+        "responses": {"200": _json_response("the modules, oldest first", _ref("ModuleList"))},
+    })
+    paths.setdefault("/v1/modules/{module_id}", {}).setdefault("delete", {}).update({
+        "summary": "Forget a registered module",
+        "parameters": [{"name": "module_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": _json_response("deleted", _ref("ModuleDeleted")), **_errors(False, 404)},
+    })
 
     plain = {"200": {"description": "OK", "content": {JSON: {"schema": {"type": "object"}}}}}
     for path, method, responses, parameters in (

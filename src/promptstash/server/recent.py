@@ -5,6 +5,11 @@
     this:     [ system prompt ........ | "Today is 2026-11-28" | question ]
                                                    ^ diverged_at: the first token that differs
     reused = diverged_at rounded down to whole blocks (only full blocks are cached)
+
+A prompt with modules is also reused after the divergence, module by module: the report then says how many of
+its modules hit and how many tokens they gave (reused, recomputed by repair), and for each module after the
+exact prefix whether an earlier request of the namespace carried the same module (a miss then means it was
+evicted) or it was new (computed and stored now: the next prompt with it hits).
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from promptstash.cache.modules import ModuleSpan
 from promptstash.engine.engine import Completion
 
 CONTEXT_TOKENS = 24  # tokens of text shown on each side of a divergence
@@ -33,6 +39,15 @@ class RecentRequest:
     completion_tokens: int
     ttft_s: float
     finished_at: float
+    modules: tuple[ModuleSpan, ...] = ()  # the prompt's module spans
+    num_modules: int = 0  # usage: modules outside the reused prefix, and how many of those hit
+    num_module_hits: int = 0
+    module_cached_tokens: int = 0
+    recomputed_tokens: int = 0
+    module_repair: str | None = None
+
+    def module_tokens(self, span: ModuleSpan) -> tuple[int, ...]:
+        return self.prompt_token_ids[span.start:span.end]
 
 
 def common_prefix_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -50,11 +65,13 @@ class RecentRequests:
         self._items: deque[RecentRequest] = deque(maxlen=max_requests)
         self._lock = threading.Lock()
 
-    def add(self, route: str, request_id: str, completion: Completion, tenant: str) -> None:
+    def add(self, route: str, request_id: str, completion: Completion, tenant: str, *,
+            modules: Sequence[ModuleSpan] = ()) -> None:
         u = completion.usage
         item = RecentRequest(request_id, route, tenant, completion.namespace, completion.prompt_token_ids,
                              u.prompt_tokens, u.cached_tokens, u.completion_tokens, completion.timings.ttft_s,
-                             time.time())
+                             time.time(), tuple(modules), u.num_modules, u.num_module_hits, u.module_cached_tokens,
+                             u.recomputed_tokens, u.module_repair)
         with self._lock:
             self._items.append(item)
 
@@ -72,6 +89,7 @@ class RecentRequests:
         """The newest requests first, with their cached / uncached split."""
         return [{"request_id": r.request_id, "route": r.route, "prompt_tokens": r.prompt_tokens,
                  "cached_tokens": r.cached_tokens, "uncached_tokens": r.prompt_tokens - r.cached_tokens,
+                 "module_cached_tokens": r.module_cached_tokens, "num_modules": len(r.modules),
                  "completion_tokens": r.completion_tokens, "ttft_s": r.ttft_s, "finished_at": r.finished_at}
                 for r in reversed(self._snapshot(tenant)[-limit:])]
 
@@ -115,10 +133,15 @@ class RecentRequests:
             "request_id": this.request_id, "prompt_tokens": this.prompt_tokens, "cached_tokens": this.cached_tokens,
             "block_size": self.block_size,
         }
+        modules_note = ""
+        if this.modules:
+            report["modules"] = self._modules_report(this, items[:index])
+            modules_note = " " + report["modules"]["explanation"]
         if best is None:
             report.update(closest_request_id=None, diverged_at_token=0,
                           explanation="no earlier request of this tenant to compare with: a first request computes "
-                                      "its whole prompt")
+                                      "its whole prompt" + (", modules included" if this.modules else "")
+                                      + modules_note)
             return report
         at = best_len
         lo = max(0, at - CONTEXT_TOKENS)
@@ -135,8 +158,53 @@ class RecentRequests:
         )
         if at >= len(this.prompt_token_ids):
             report["explanation"] = "the whole prompt repeats an earlier one; the last partial block is recomputed"
+        elif this.modules:
+            report["explanation"] = (
+                f"the prompt first differs from request {best.request_id} at token {at}; after that point only "
+                f"modules can be reused, the rest is computed.")
         else:
             report["explanation"] = (
                 f"the prompt first differs from request {best.request_id} at token {at}; everything after that "
                 f"point is recomputed (a common cause is a timestamp or a reordered list near the start)")
+        report["explanation"] += modules_note
         return report
+
+    def _modules_report(self, this: RecentRequest, earlier: list[RecentRequest]) -> dict[str, Any]:
+        """The modules of `this` and what became of them: counts from its usage, and for each module whether an
+        earlier request of its namespace carried the same tokens as a module (then a miss means eviction)."""
+        seen: dict[tuple[int, ...], str] = {}
+        for other in earlier:
+            if other.namespace == this.namespace:
+                for span in other.modules:
+                    seen[other.module_tokens(span)] = other.request_id
+        prefix = this.cached_tokens - this.module_cached_tokens  # the exact prefix reused
+        details = []
+        for span in this.modules:
+            tokens = this.module_tokens(span)
+            details.append({
+                "start": span.start, "end": span.end, "num_tokens": span.num_tokens, "module_id": span.module_id,
+                "in_reused_prefix": span.end <= prefix,
+                "seen_in_request_id": seen.get(tokens),
+                "first_tokens": self._text(tokens[:CONTEXT_TOKENS]),
+            })
+        looked_up = this.num_modules
+        misses = looked_up - this.num_module_hits
+        in_prefix = sum(d["in_reused_prefix"] for d in details)
+        parts = [f"{len(details)} module(s) in the prompt"]
+        if in_prefix:
+            parts.append(f"{in_prefix} inside the reused exact prefix")
+        repair = f" by repair {this.module_repair}" if this.module_repair else ""
+        parts.append(f"{this.num_module_hits} of {looked_up} looked up hit ({this.module_cached_tokens} tokens reused "
+                     f"at their new positions, {this.recomputed_tokens} recomputed{repair})")
+        text = "; ".join(parts) + "."
+        if misses > 0:
+            new = sum(1 for d in details if not d["in_reused_prefix"] and d["seen_in_request_id"] is None
+                      and d["module_id"] is None)  # a registered module was precomputed when registered
+            text += (f" {misses} missed: " + (f"{new} had not been seen before in this namespace (computed and "
+                                                f"stored now, so the next prompt with them hits)" if new else "")
+                     + ("; " if new and misses > new else "")
+                     + ("others were seen earlier but their blocks had been evicted" if misses > new else "") + ".")
+        return {"num_modules": len(details), "num_looked_up": looked_up, "num_hits": this.num_module_hits,
+                "num_misses": misses, "reused_tokens": this.module_cached_tokens,
+                "recomputed_tokens": this.recomputed_tokens, "module_repair": this.module_repair,
+                "modules": details, "explanation": text}

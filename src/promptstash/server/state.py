@@ -98,6 +98,13 @@ def cache_namespace(tenant: str, cache_salt: str | None) -> str:
     return namespace + (f"|salt:{len(cache_salt)}:{cache_salt}" if cache_salt else "")
 
 
+def registry_namespace(tenant: str) -> str:
+    """Where a tenant's registered modules (POST /v1/modules) live: its namespace without a cache_salt, so a
+    module id resolves for every request of the tenant, salted or not. NOTE: only the module's text is looked
+    up there; its K/V are computed and cached in the request's own namespace (salt included)."""
+    return cache_namespace(tenant, None)
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who sent a request. tenant None = the metrics key; sees_all = admin, metrics key or the local tenant."""

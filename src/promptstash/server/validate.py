@@ -32,7 +32,7 @@ def parse_json_object(raw: bytes, max_bytes: int) -> dict[str, Any]:
     return body
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")
 
@@ -64,7 +64,7 @@ class Body:
         if value is _MISSING:
             return default
         if not isinstance(value, str):
-            raise self.fail(field, f"expected a string, got {_type_name(value)}")
+            raise self.fail(field, f"expected a string, got {type_name(value)}")
         if choices is not None and value not in choices:
             raise self.fail(field, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
@@ -77,7 +77,7 @@ class Body:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise self.fail(field, f"expected an integer, got {_type_name(value)}")
+            raise self.fail(field, f"expected an integer, got {type_name(value)}")
         if min is not None and value < min:
             raise self.fail(field, f"must be >= {min}, got {value}")
         if max is not None and value > max:
@@ -89,7 +89,7 @@ class Body:
         if value is _MISSING:
             return default
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-            got = "a non-finite number" if isinstance(value, float) else _type_name(value)
+            got = "a non-finite number" if isinstance(value, float) else type_name(value)
             raise self.fail(field, f"expected a finite number, got {got}")
         if min is not None and value < min:
             raise self.fail(field, f"must be >= {min}, got {value}")
@@ -102,7 +102,7 @@ class Body:
         if value is _MISSING:
             return default
         if not isinstance(value, bool):
-            raise self.fail(field, f"expected a boolean, got {_type_name(value)}")
+            raise self.fail(field, f"expected a boolean, got {type_name(value)}")
         return value
 
     def obj(self, field: str, *, required: bool = False) -> Body | None:
@@ -110,7 +110,7 @@ class Body:
         if value is _MISSING:
             return None
         if not isinstance(value, dict):
-            raise self.fail(field, f"expected an object, got {_type_name(value)}")
+            raise self.fail(field, f"expected an object, got {type_name(value)}")
         return Body(value, self.name(field))
 
     def list(self, field: str, *, required: bool = False) -> list[Any] | None:
@@ -118,7 +118,7 @@ class Body:
         if value is _MISSING:
             return None
         if not isinstance(value, list):
-            raise self.fail(field, f"expected an array, got {_type_name(value)}")
+            raise self.fail(field, f"expected an array, got {type_name(value)}")
         return value
 
     def stop(self, field: str, max_items: int) -> tuple[str, ...]:
