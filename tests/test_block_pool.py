@@ -415,6 +415,30 @@ def test_hash_chain_follows_the_documented_construction() -> None:
     assert block_hash(root, tokens[:4]) == h0
 
 
+def test_module_hashes_follow_the_documented_construction() -> None:
+    from promptstash.cache.hashing import module_hashes, module_root_hash
+
+    tokens = toks(10, start=7)
+
+    def h(*chunks: bytes) -> bytes:
+        d = hashlib.blake2b(digest_size=16)
+        for c in chunks:
+            d.update(c)
+        return d.digest()
+
+    parts = [p.encode() for p in ("promptstash-block-v1", MODEL, LAYOUT, NS, "module")]
+    root = h(*(len(p).to_bytes(4, "little") + p for p in parts))
+    assert module_root_hash(MODEL, LAYOUT, NS) == root != root_hash(MODEL, LAYOUT, NS)
+    le = [b"".join(t.to_bytes(4, "little") for t in tokens[j * B:(j + 1) * B]) for j in range(3)]
+    h0 = h(root, le[0])
+    h1 = h(h0, le[1])
+    tail = h(h1, le[2])  # the last 2 tokens: a partial block, hashed over its own tokens only
+    assert module_hashes(root, tokens, B) == [h0, h1, tail]
+    assert module_hashes(root, tokens[:8], B) == [h0, h1]  # no tail when the module fills its blocks
+    assert tail != h(h1, le[2] + b"\0" * 8)  # a tail never equals a full block of the same tokens + padding
+    assert module_root_hash(MODEL, LAYOUT, "other") != root
+
+
 EXPECTED_ROOT = "0dd6c19bd4f1aaa8d9cfe340a5034311"  # root_hash("tiny-qwen2", "bs4/float32", "default")
 EXPECTED_BLOCKS = ["f005a26d2b185df050aab81c81e20a60", "7e257186f775ea06a6a2a8a0afd996c0"]  # tokens 0..9
 
