@@ -59,7 +59,7 @@ class BlendSpec:
     """CacheBlend's selective recompute for a one-sequence batch whose K/V are already in the pool.
 
     Rows flagged in `candidates` are tokens whose K/V were filled from a cache. Every row is recomputed at
-    layers 0..layer; at `layer`, the candidates whose fresh K/V deviate most from the filled ones (the
+    layers 0..layer; at `layer`, the candidates whose fresh values deviate most from the filled ones (the
     num_keep largest squared differences) are kept, and from layer + 1 on only they and the other rows are
     computed; the rest keep their filled K/V in the deeper layers.
     """
@@ -293,9 +293,10 @@ class LlamaModel:
     @staticmethod
     def _blend_select(blend: BlendSpec, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
                       v_pool: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """[T] bool: non-candidate rows, and the num_keep candidates whose fresh K/V deviate most from the pool's."""
-        old_k, old_v = k_pool.index_select(0, slot_mapping), v_pool.index_select(0, slot_mapping)
-        deviation = ((k - old_k).float().pow(2).sum((1, 2)) + (v - old_v).float().pow(2).sum((1, 2)))  # [T]
+        """[T] bool: non-candidate rows, and the num_keep candidates whose fresh values deviate most from the
+        pool's (CacheBlend's default measure: values carry no position, so only the missing context shows)."""
+        old_v = v_pool.index_select(0, slot_mapping)
+        deviation = (v - old_v).float().pow(2).sum((1, 2))  # [T]
         deviation = torch.where(blend.candidates, deviation, torch.full_like(deviation, -1.0))
         kept = ~blend.candidates
         num_keep = min(blend.num_keep, int(blend.candidates.sum()))
