@@ -251,7 +251,7 @@ class LlamaModel:
             k = k * cos + _rotate_half(k) * sin
             k_pool, v_pool = kv.k[i], kv.v[i]  # [num_slots, H_kv, D]
             if blend is not None and i == blend.layer:
-                kept = self._blend_select(blend, k, v.reshape(num_tokens, h_kv, d), k_pool, v_pool, slot_mapping)
+                kept = self._blend_select(blend, v.reshape(num_tokens, h_kv, d), v_pool, slot_mapping)
             k_pool.index_copy_(0, slot_mapping, k)
             v_pool.index_copy_(0, slot_mapping, v.reshape(num_tokens, h_kv, d))
             attn = torch.empty_like(q)  # [T, H_q, D]
@@ -291,8 +291,8 @@ class LlamaModel:
         return F.linear(last, self.lm_head).float(), kept
 
     @staticmethod
-    def _blend_select(blend: BlendSpec, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
-                      v_pool: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    def _blend_select(blend: BlendSpec, v: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor
+                      ) -> torch.Tensor:
         """[T] bool: non-candidate rows, and the num_keep candidates whose fresh values deviate most from the
         pool's (CacheBlend's default measure: values carry no position, so only the missing context shows)."""
         old_v = v_pool.index_select(0, slot_mapping)
