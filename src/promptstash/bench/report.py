@@ -105,13 +105,24 @@ def _fmt(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def stem(res: BenchResult) -> str:
+    """File name stem of a result: workload-<name>, with -modules for the modules mode (passages as modules)."""
+    return f"workload-{res.setup.get('workload')}" + ("-modules" if res.setup.get("modules") else "")
+
+
 def to_markdown(res: BenchResult) -> str:
     s, w = res.setup, res.workload
-    lines = [f"# Workload benchmark: {s.get('workload')} ({s.get('date', '')})", "",
+    mode = ""
+    if s.get("modules"):
+        repair = s.get("module_repair") or "the engine's default"
+        mode = (f" Modules mode: each passage is a module part (`\"module\": true`), repair `{repair}`; OFF ignores "
+                "the marks.")
+    title = f"{s.get('workload')} with modules" if s.get("modules") else s.get("workload")
+    lines = [f"# Workload benchmark: {title} ({s.get('date', '')})", "",
              f"Target: {s.get('target')}; model `{s.get('model')}`; {s.get('num_requests')} requests, concurrency "
              f"{s.get('concurrency')}, max_tokens {s.get('max_tokens')} (greedy, ignore_eos). "
              "OFF = " + ("a second engine on the same weights with prefix caching off."
-                         if s.get("target") == "in-process" else "a fresh cache_salt per request."), "",
+                         if s.get("target") == "in-process" else "a fresh cache_salt per request.") + mode, "",
              f"Workload: {w.get('description', '')}", ""]
     info = {k: v for k, v in w.items() if k != "description"}
     if info:
@@ -163,7 +174,8 @@ def plot(res: BenchResult, out_dir: Path, stem: str, log=print) -> list[Path]:
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.legend()
-    fig.suptitle(f"{res.setup.get('workload')} ({res.setup.get('target')})")
+    marked = " with modules" if res.setup.get("modules") else ""
+    fig.suptitle(f"{res.setup.get('workload')}{marked} ({res.setup.get('target')})")
     fig.tight_layout()
     path = out_dir / f"{stem}.png"
     fig.savefig(path, dpi=100)
@@ -173,10 +185,10 @@ def plot(res: BenchResult, out_dir: Path, stem: str, log=print) -> list[Path]:
 
 
 def write(res: BenchResult, out_dir: Path, log=print) -> list[Path]:
-    """Write `<workload>.json`, `<workload>.md` and (with matplotlib) `<workload>.png` under out_dir."""
+    """Write `<stem>.json`, `<stem>.md` and (with matplotlib) `<stem>.png` under out_dir (see stem())."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"workload-{res.setup.get('workload')}"
-    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    name = stem(res)
+    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
     js.write_text(json.dumps(asdict(res), indent=2) + "\n")
     md.write_text(to_markdown(res))
-    return [js, md, *plot(res, out_dir, stem, log=log)]
+    return [js, md, *plot(res, out_dir, name, log=log)]

@@ -33,7 +33,7 @@ from promptstash.errors import PromptstashError
 WORKLOADS = ("rag", "chat", "system-prompt", "trace")
 TRACE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake trace
 
-Prompt = list[dict[str, str]] | list[int]
+Prompt = list[dict[str, Any]] | list[int]
 
 
 class DataNotFoundError(PromptstashError, FileNotFoundError):
@@ -108,11 +108,12 @@ RAG_SYSTEM = ("You answer questions using only the passages below. Cite the pass
 
 
 def build_rag(num_requests: int = 20, k: int = 3, pool_size: int = 6, passage_chars: int | None = None,
-              seed: int = 0) -> Workload:
+              seed: int = 0, modules: bool = False) -> Workload:
     """MuSiQue questions (in file order, cycling), each with k passages drawn at random from a pool of
     `pool_size` passages (the first distinct passages of the file), placed in pool order after a shared system
     prompt. A small pool makes passages recur; a passage is reusable by prefix caching only when every passage
-    before it recurs too, so info reports both the passage recurrence and the prefix recurrence."""
+    before it recurs too, so info reports both the passage recurrence and the prefix recurrence.
+    modules: each passage is a module part (`"module": true`), reusable wherever it recurs."""
     examples = json.loads(_data_file("rag/musique_dev.json").read_text())
     pool: list[str] = []  # passage texts (the data's titles are empty)
     for ex in examples:
@@ -129,15 +130,22 @@ def build_rag(num_requests: int = 20, k: int = 3, pool_size: int = 6, passage_ch
         prefix_recurring += sum(tuple(chosen[:n + 1]) in seen_prefixes for n in range(k))
         seen_passages.update(chosen)
         seen_prefixes.update(tuple(chosen[:n + 1]) for n in range(k))
-        passages = "\n\n".join(f"[Passage {j + 1}]\n{_clip(pool[j], passage_chars)}" for j in chosen)
         question = examples[i % len(examples)]["question"]
-        requests.append(BenchRequest([{"role": "system", "content": f"{RAG_SYSTEM}\n\n{passages}"},
+        if modules:  # the same text, joined by the renderer's "\n" between parts; each passage on its own
+            system: str | list[dict[str, Any]] = [{"type": "text", "text": f"{RAG_SYSTEM}\n"}] + [
+                {"type": "text", "text": f"[Passage {j + 1}]\n{_clip(pool[j], passage_chars)}\n", "module": True}
+                for j in chosen]
+        else:
+            passages = "\n\n".join(f"[Passage {j + 1}]\n{_clip(pool[j], passage_chars)}" for j in chosen)
+            system = f"{RAG_SYSTEM}\n\n{passages}"
+        requests.append(BenchRequest([{"role": "system", "content": system},
                                       {"role": "user", "content": question}], f"q{i % len(examples)} p{chosen}"))
     total = max(1, num_requests * k)
+    marked = ", each passage a module" if modules else ""
     return Workload("rag", f"{num_requests} MuSiQue questions; each: shared system prompt + {k} passages drawn "
-                    f"from a pool of {len(pool)} (sorted by pool index), then the question.", requests,
+                    f"from a pool of {len(pool)} (sorted by pool index{marked}), then the question.", requests,
                     {"k": k, "pool_size": len(pool), "passage_recurrence_rate": recurring / total,
-                     "prefix_recurrence_rate": prefix_recurring / total})
+                     "prefix_recurrence_rate": prefix_recurring / total, "modules": modules})
 
 
 CHAT_SYSTEM = "You are a friendly, concise assistant."
@@ -267,11 +275,14 @@ def build_trace(num_requests: int = 20, scale: int = 32, vocab_size: int = 15193
 
 
 def build(name: str, num_requests: int = 20, *, k: int = 3, scale: int = 32, vocab_size: int = 151936,
-          text_chars: int | None = None) -> Workload:
+          text_chars: int | None = None, modules: bool = False) -> Workload:
     """The workload `name` (one of WORKLOADS). text_chars clips passages, messages and the system-prompt
-    workload's prompt (None = as in the data; chat's default clip is 2,000 characters per message)."""
+    workload's prompt (None = as in the data; chat's default clip is 2,000 characters per message).
+    modules (rag only): passages are module parts."""
+    if modules and name != "rag":
+        raise PromptstashError(f"modules mode is for the rag workload, not {name!r}")
     if name == "rag":
-        return build_rag(num_requests, k=k, passage_chars=text_chars)
+        return build_rag(num_requests, k=k, passage_chars=text_chars, modules=modules)
     if name == "chat":
         return build_chat(num_requests, message_chars=text_chars or 2000)
     if name == "system-prompt":
@@ -289,9 +300,10 @@ def caching_off_twin(engine: Engine) -> Engine:
 
 
 def run_engine(engine: Engine, requests: Sequence[BenchRequest], *, mode: str, concurrency: int = 4,
-               max_tokens: int = 16) -> RunData:
+               max_tokens: int = 16, module_repair: str | None = None) -> RunData:
     """Replay `requests` in order with `concurrency` in flight; greedy, ignore_eos (fixed output length).
-    A fresh namespace per run, so a run starts cold. Peak KV = max over steps of pool blocks in use."""
+    A fresh namespace per run, so a run starts cold. Peak KV = max over steps of pool blocks in use.
+    module_repair: for prompts with modules (None = the engine's default)."""
     namespace = f"bench-{mode}-{uuid.uuid4().hex}"
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     pending = deque(enumerate(requests))
@@ -303,7 +315,8 @@ def run_engine(engine: Engine, requests: Sequence[BenchRequest], *, mode: str, c
     while pending or inflight:
         while pending and len(inflight) < max(1, concurrency):
             i, req = pending.popleft()
-            inflight[engine.add_request(req.prompt, params, namespace=namespace)] = (i, time.perf_counter() - t0)
+            rid = engine.add_request(req.prompt, params, namespace=namespace, module_repair=module_repair)
+            inflight[rid] = (i, time.perf_counter() - t0)
         if not engine.run_step().num_scheduled:
             engine.wait_for_work(0.005)
         peak = max(peak, engine.stats().cache.usage.num_in_use)
@@ -330,12 +343,15 @@ def _sse_events(response) -> Iterator[dict[str, Any]]:
             yield json.loads(data)
 
 
-def _url_request(client, base: str, model: str, req: BenchRequest, max_tokens: int, salt: str) -> dict[str, Any]:
+def _url_request(client, base: str, model: str, req: BenchRequest, max_tokens: int, salt: str,
+                 module_repair: str | None = None) -> dict[str, Any]:
     """One streamed request; returns ttft_s, e2e_s and the usage (prompt, cached, completion tokens)."""
     chat = isinstance(req.prompt[0], dict)
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
                             "stream": True, "stream_options": {"include_usage": True}, "cache_salt": salt}
     body["messages" if chat else "prompt"] = req.prompt
+    if module_repair is not None:
+        body["module_repair"] = module_repair
     start = time.perf_counter()
     ttft, usage = None, None
     with client.stream("POST", f"{base}/v1/{'chat/completions' if chat else 'completions'}", json=body) as r:
@@ -386,7 +402,8 @@ def _base(url: str) -> str:
 
 
 def run_url(url: str, requests: Sequence[BenchRequest], *, mode: str, model: str, concurrency: int = 4,
-            max_tokens: int = 16, api_key: str | None = None, timeout_s: float = 600.0) -> RunData:
+            max_tokens: int = 16, api_key: str | None = None, timeout_s: float = 600.0,
+            module_repair: str | None = None) -> RunData:
     """Replay `requests` against an OpenAI-compatible server, `concurrency` threads taking them in order.
     ON: one cache_salt for the whole run (cold at its start); OFF: a fresh cache_salt per request.
     Peak KV: max of /v1/cache/stats pool "used", sampled every 50 ms (0 if the server lacks it)."""
@@ -417,7 +434,7 @@ def run_url(url: str, requests: Sequence[BenchRequest], *, mode: str, model: str
                 i, req = item
                 start = time.perf_counter() - t0
                 try:
-                    r = _url_request(client, base, model, req, max_tokens, salt())
+                    r = _url_request(client, base, model, req, max_tokens, salt(), module_repair)
                 except BaseException as exc:  # noqa: BLE001 - reported after the threads stop
                     errors.append(exc)
                     return
@@ -444,9 +461,12 @@ def run_url(url: str, requests: Sequence[BenchRequest], *, mode: str, model: str
 def run(name: str, *, engine: Engine | None = None, url: str | None = None, model: str | None = None,
         num_requests: int = 20, concurrency: int = 4, max_tokens: int = 16, k: int = 3, scale: int = 32,
         text_chars: int | None = None, vocab_size: int | None = None, api_key: str | None = None,
-        prices: PriceSheet | None = None, log: Callable[[str], None] = print) -> Any:
+        prices: PriceSheet | None = None, modules: bool = False, module_repair: str | None = None,
+        log: Callable[[str], None] = print) -> Any:
     """Build workload `name` and measure it with caching ON then OFF, in-process (`engine`) or against `url`
-    (exactly one). vocab_size: for trace token ids (default: the engine's, else Qwen's). Returns a BenchResult."""
+    (exactly one). vocab_size: for trace token ids (default: the engine's, else Qwen's). Returns a BenchResult.
+    modules (rag): each passage is a module part, repaired with module_repair (None = the engine's or the
+    server's default); OFF ignores the marks (the twin engine has caching off; a fresh cache_salt per request)."""
     from promptstash.bench import report
 
     if (engine is None) == (url is None):
@@ -454,8 +474,11 @@ def run(name: str, *, engine: Engine | None = None, url: str | None = None, mode
     prices = prices or PriceSheet()
     if vocab_size is None:
         vocab_size = engine.model.config.vocab_size if engine is not None else 151936
-    workload = build(name, num_requests, k=k, scale=scale, vocab_size=vocab_size, text_chars=text_chars)
-    opts = {"concurrency": concurrency, "max_tokens": max_tokens}
+    workload = build(name, num_requests, k=k, scale=scale, vocab_size=vocab_size, text_chars=text_chars,
+                     modules=modules)
+    opts: dict[str, Any] = {"concurrency": concurrency, "max_tokens": max_tokens}
+    if modules:
+        opts["module_repair"] = module_repair
     runs: dict[str, RunData] = {}
     if engine is not None:
         off_engine = caching_off_twin(engine)
@@ -473,7 +496,7 @@ def run(name: str, *, engine: Engine | None = None, url: str | None = None, mode
             log(f"[{name} {mode}] {len(runs[mode].records)} requests in {runs[mode].wall_s:.1f}s")
         target = url
     setup = {"workload": name, "target": target, "model": model_id, "num_requests": len(workload.requests),
-             **opts, "k": k if name == "rag" else None, "scale": scale if name == "trace" else None,
+             **opts, "k": k if name == "rag" else None, "modules": modules, "scale": scale if name == "trace" else None,
              "date": time.strftime("%Y-%m-%d"), "prices": dataclasses.asdict(prices)}
     info = {"description": workload.description, **workload.info}
     return report.build_result(setup, info, runs, prices)
