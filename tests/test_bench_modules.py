@@ -225,6 +225,7 @@ def test_smoke_run(tiny) -> None:
             assert r["num_module_hits"] == r["num_modules"] == len(ws[0 if name == "musique" else 1].items[0].documents)
             assert r["module_cached_tokens"] > 0 and r["computed_tokens"] < full["computed_tokens"]
             assert r["gold_ll"] is not None and 0.0 <= r["agreement"] <= 1.0
+            assert r["tf_computed_tokens"] < r["prompt_tokens"]  # the teacher-forced pass reused the modules too
         assert runs["none"]["recomputed_fraction"] == 0.0
         assert 0.0 < runs["cacheblend:0.3"]["recomputed_fraction"] <= 0.35
         assert runs["prefix"]["module_tokens"] == 0 and runs["prefix"]["recomputed_fraction"] == 1.0

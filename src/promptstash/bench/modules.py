@@ -51,7 +51,7 @@ DEFAULT_STRATEGIES = ("prefix", "none", "legolink:16", "legolink:32", "cacheblen
                       "cacheblend:0.3", "full")
 REFERENCE_STRATEGIES = ("prefix", "full")  # the others are approximate
 WORKLOAD_NAMES = ("musique", "longdoc")
-DEFAULT_QUESTIONS = {"musique": 8, "longdoc": 3}  # sized for ~15-20 minutes on a 2-core CPU (see README)
+DEFAULT_QUESTIONS = {"musique": 6, "longdoc": 3}  # ~17 minutes on a 2-core CPU (~70 s and ~190 s a question)
 DEFAULT_PASSAGE_CHARS = 700  # musique: ~180 tokens per passage, ~1,800-token prompts
 LONGDOC_PASSAGE_CHARS = 1850  # longdoc: two clipped passages make a document of ~1,000 tokens
 LONGDOC_OFFSET = 25  # longdoc uses other questions than musique (the file has 50)
@@ -268,6 +268,7 @@ class Run:
     num_modules: int
     num_module_hits: int
     recomputed_fraction: float | None  # of module tokens (1.0 for full and prefix)
+    tf_computed_tokens: int | None = None  # tokens the teacher-forced pass computed (prompt + answer)
     agreement: float | None = None  # with full's first 16 tokens
     same_as_full: bool | None = None  # the whole greedy answer equals full's
 
@@ -277,8 +278,9 @@ def _is_approximate(strategy: str) -> bool:
 
 
 def _gold_log_likelihood(engine: Any, prompt_ids: list[int], answer_ids: list[int], spans: Sequence[Any],
-                         strategy: str, namespace: str) -> float:
-    """Mean log-probability per token of answer_ids after prompt_ids (teacher-forced), with the strategy."""
+                         strategy: str, namespace: str) -> tuple[float, int | None]:
+    """Mean log-probability per token of answer_ids after prompt_ids (teacher-forced), with the strategy; and
+    the number of tokens that pass computed (None if unknown)."""
     import torch
 
     ids = list(prompt_ids) + list(answer_ids)
@@ -294,7 +296,9 @@ def _gold_log_likelihood(engine: Any, prompt_ids: list[int], answer_ids: list[in
         raise LookupError(f"no logits for prompt position {missing[0]} (served from the cache)")
     rows = out.logits[[row_of[p] for p in need]].float()
     logp = torch.log_softmax(rows, dim=-1)
-    return float(logp[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].mean())
+    usage = getattr(out, "usage", None)
+    computed = None if usage is None else usage.prompt_tokens - usage.cached_tokens
+    return float(logp[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].mean()), computed
 
 
 def _usage_fields(usage: Any) -> dict[str, int]:
@@ -337,9 +341,9 @@ def measure_item(engine: Any, workload: str, item: Item, strategies: Sequence[st
         if c.finish_reason == "error":
             raise RuntimeError(f"{item.qid} {strategy}: the engine failed the request: {c.error}")
         try:
-            ll = _gold_log_likelihood(engine, prompt_ids, answer_ids, spans, strategy, namespace)
+            ll, tf_computed = _gold_log_likelihood(engine, prompt_ids, answer_ids, spans, strategy, namespace)
         except LookupError:  # the last prompt token was served from the cache: teacher-force in a cold namespace
-            ll = _gold_log_likelihood(engine, prompt_ids, answer_ids, spans, strategy, f"{namespace}-tf")
+            ll, tf_computed = _gold_log_likelihood(engine, prompt_ids, answer_ids, spans, strategy, f"{namespace}-tf")
         usage = _usage_fields(c.usage)
         if strategy in REFERENCE_STRATEGIES:
             fraction = 1.0
@@ -348,11 +352,11 @@ def measure_item(engine: Any, workload: str, item: Item, strategies: Sequence[st
         runs.append(Run(workload, item.qid, strategy, c.text.strip(), list(c.token_ids), f1_score(c.text, item.answers),
                         exact_match(c.text, item.answers), ll, len(answer_ids), c.timings.ttft_s, c.timings.total_s,
                         module_tokens=module_tokens if strategy != "prefix" else 0, recomputed_fraction=fraction,
-                        **usage))
+                        tf_computed_tokens=tf_computed, **usage))
         r = runs[-1]
         log(f"[{workload} {item.qid}] {strategy:>15}: ttft {r.ttft_s:6.2f}s, computed {r.computed_tokens:5d}/"
             f"{r.prompt_tokens} tokens, modules {r.num_module_hits}/{r.num_modules} hit, f1 {r.f1:.2f}, "
-            f"gold ll {r.gold_ll:.3f}, answer {r.answer[:60]!r}")
+            f"gold ll {r.gold_ll:.3f} (teacher-forced pass computed {r.tf_computed_tokens}), answer {r.answer[:60]!r}")
     full = next((r for r in runs if r.strategy == "full"), None)
     if full is not None:
         for r in runs:
