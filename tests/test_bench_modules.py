@@ -246,3 +246,18 @@ def test_rag_modules_run(tiny) -> None:
     assert res.summary["on"]["hit_rate"] > 0 and res.summary["off"]["cached_tokens"] == 0
     assert report.stem(res) == "workload-rag-modules"
     assert "rag with modules" in report.to_markdown(res)
+
+
+def test_gold_log_likelihood_after_a_cached_answer() -> None:
+    """Positions served from the cache (the prompt and the answer already published) are computed again."""
+    from conftest import tiny_engine
+
+    engine = tiny_engine("qwen2")
+    prompt, answer = [(7 * i) % 200 + 3 for i in range(30)], [11, 12, 13, 14, 15, 16]
+    cold, computed = bm._gold_log_likelihood(engine, prompt, answer, (), "prefix", "cold")
+    assert computed == len(prompt) + len(answer)
+    engine.prompt_logits(prompt + answer, namespace="warm")  # publishes 2 blocks: positions 0..31 cached
+    warm, computed = bm._gold_log_likelihood(engine, prompt, answer, (), "prefix", "warm")
+    assert warm == pytest.approx(cold, abs=1e-5) and cold < 0
+    # positions 32..35 in the first pass, then 29, 30, 31 each from its own prefix (a block at most each)
+    assert computed <= 4 + 3 * engine.config.block_size

@@ -277,27 +277,40 @@ def _is_approximate(strategy: str) -> bool:
     return strategy not in REFERENCE_STRATEGIES
 
 
-def _gold_log_likelihood(engine: Any, prompt_ids: list[int], answer_ids: list[int], spans: Sequence[Any],
-                         strategy: str, namespace: str) -> tuple[float, int | None]:
-    """Mean log-probability per token of answer_ids after prompt_ids (teacher-forced), with the strategy; and
-    the number of tokens that pass computed (None if unknown)."""
-    import torch
-
-    ids = list(prompt_ids) + list(answer_ids)
-    options: dict[str, Any] = {"modules": tuple(spans), "module_repair": strategy} if strategy != "prefix" else {}
+def _logit_rows(engine: Any, ids: list[int], options: dict[str, Any], namespace: str
+                ) -> tuple[dict[int, Any], int | None]:
+    """Prefill ids; returns {prompt position: logits row} for the computed positions and the computed count."""
     out = engine.prompt_logits(ids, namespace=namespace, **options)
     positions = getattr(out, "positions", None)
     if positions is None:  # rows are the computed positions, from num_cached_tokens on
         positions = range(out.num_cached_tokens, out.num_cached_tokens + out.logits.shape[0])
-    row_of = {int(p): i for i, p in enumerate(positions)}
-    need = [len(prompt_ids) - 1 + k for k in range(len(answer_ids))]  # row at p predicts token p + 1
-    missing = [p for p in need if p not in row_of]
-    if missing:
-        raise LookupError(f"no logits for prompt position {missing[0]} (served from the cache)")
-    rows = out.logits[[row_of[p] for p in need]].float()
-    logp = torch.log_softmax(rows, dim=-1)
     usage = getattr(out, "usage", None)
     computed = None if usage is None else usage.prompt_tokens - usage.cached_tokens
+    return {int(p): out.logits[i] for i, p in enumerate(positions)}, computed
+
+
+def _gold_log_likelihood(engine: Any, prompt_ids: list[int], answer_ids: list[int], spans: Sequence[Any],
+                         strategy: str, namespace: str) -> tuple[float, int | None]:
+    """Mean log-probability per token of answer_ids after prompt_ids (teacher-forced), with the strategy; and
+    the number of tokens the teacher-forced passes computed (None if unknown).
+
+    NOTE: after an exact run (prefix, full) the namespace may hold the prompt and the greedy answer as published
+    blocks; when the answer starts like the gold one, prompt + gold answer then hits the cache past the last
+    prompt token and those positions give no logits. Each such position p is computed again from ids[:p + 1]
+    (the cache never serves a prompt's last token), which costs a block at most."""
+    import torch
+
+    ids = list(prompt_ids) + list(answer_ids)
+    options: dict[str, Any] = {"modules": tuple(spans), "module_repair": strategy} if strategy != "prefix" else {}
+    rows, computed = _logit_rows(engine, ids, options, namespace)
+    need = [len(prompt_ids) - 1 + k for k in range(len(answer_ids))]  # row at p predicts token p + 1
+    for p in [p for p in need if p not in rows]:
+        more, n = _logit_rows(engine, ids[:p + 1], options, namespace)
+        if p not in more:
+            raise RuntimeError(f"the engine gave no logits for the last prompt position {p}")
+        rows[p] = more[p]
+        computed = None if computed is None or n is None else computed + n
+    logp = torch.log_softmax(torch.stack([rows[p] for p in need]).float(), dim=-1)
     return float(logp[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].mean()), computed
 
 
@@ -340,10 +353,7 @@ def measure_item(engine: Any, workload: str, item: Item, strategies: Sequence[st
         c = engine.run_until_done([rid])[0]
         if c.finish_reason == "error":
             raise RuntimeError(f"{item.qid} {strategy}: the engine failed the request: {c.error}")
-        try:
-            ll, tf_computed = _gold_log_likelihood(engine, prompt_ids, answer_ids, spans, strategy, namespace)
-        except LookupError:  # the last prompt token was served from the cache: teacher-force in a cold namespace
-            ll, tf_computed = _gold_log_likelihood(engine, prompt_ids, answer_ids, spans, strategy, f"{namespace}-tf")
+        ll, tf_computed = _gold_log_likelihood(engine, prompt_ids, answer_ids, spans, strategy, namespace)
         usage = _usage_fields(c.usage)
         if strategy in REFERENCE_STRATEGIES:
             fraction = 1.0
