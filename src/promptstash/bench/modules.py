@@ -51,7 +51,7 @@ DEFAULT_STRATEGIES = ("prefix", "none", "legolink:16", "legolink:32", "cacheblen
                       "cacheblend:0.3", "full")
 REFERENCE_STRATEGIES = ("prefix", "full")  # the others are approximate
 WORKLOAD_NAMES = ("musique", "longdoc")
-DEFAULT_QUESTIONS = {"musique": 6, "longdoc": 3}  # ~17 minutes on a 2-core CPU (~70 s and ~190 s a question)
+DEFAULT_QUESTIONS = {"musique": 6, "longdoc": 3}  # 14 minutes measured on 2 cores (~63 s and ~160 s a question)
 DEFAULT_PASSAGE_CHARS = 700  # musique: ~180 tokens per passage, ~1,800-token prompts
 LONGDOC_PASSAGE_CHARS = 1850  # longdoc: two clipped passages make a document of ~1,000 tokens
 LONGDOC_OFFSET = 25  # longdoc uses other questions than musique (the file has 50)
