@@ -261,3 +261,15 @@ def test_gold_log_likelihood_after_a_cached_answer() -> None:
     assert warm == pytest.approx(cold, abs=1e-5) and cold < 0
     # positions 32..35 in the first pass, then 29, 30, 31 each from its own prefix (a block at most each)
     assert computed <= 4 + 3 * engine.config.block_size
+
+
+@needs_data
+@pytest.mark.slow
+def test_rag_modules_run_reports_the_default_repair(tiny) -> None:
+    from promptstash.bench import report
+
+    res = workloads.run("rag", engine=tiny, num_requests=3, concurrency=1, max_tokens=1, k=2, text_chars=60,
+                        modules=True, log=lambda _: None)
+    assert res.setup["module_repair"] == tiny.default_module_repair.label
+    assert f"module repair `{tiny.default_module_repair.label}`" in report.to_markdown(res)
+    assert "modules yes" in report.to_markdown(res)

@@ -100,6 +100,8 @@ def build_result(setup: dict[str, Any], workload: dict[str, Any], runs: dict[str
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
@@ -114,9 +116,9 @@ def to_markdown(res: BenchResult) -> str:
     s, w = res.setup, res.workload
     mode = ""
     if s.get("modules"):
-        repair = s.get("module_repair") or "the engine's default"
-        mode = (f" Modules mode: each passage is a module part (`\"module\": true`), repair `{repair}`; OFF ignores "
-                "the marks.")
+        repair = f"`{s['module_repair']}`" if s.get("module_repair") else "the server's default"
+        mode = (f" Modules mode: each passage is a module part (`\"module\": true`), module repair {repair}; OFF "
+                "ignores the marks.")
     title = f"{s.get('workload')} with modules" if s.get("modules") else s.get("workload")
     lines = [f"# Workload benchmark: {title} ({s.get('date', '')})", "",
              f"Target: {s.get('target')}; model `{s.get('model')}`; {s.get('num_requests')} requests, concurrency "

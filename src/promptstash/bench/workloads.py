@@ -479,6 +479,8 @@ def run(name: str, *, engine: Engine | None = None, url: str | None = None, mode
     opts: dict[str, Any] = {"concurrency": concurrency, "max_tokens": max_tokens}
     if modules:
         opts["module_repair"] = module_repair
+        if module_repair is None and engine is not None:  # report what the requests get: the engine's default
+            opts["module_repair"] = engine.default_module_repair.label
     runs: dict[str, RunData] = {}
     if engine is not None:
         off_engine = caching_off_twin(engine)
