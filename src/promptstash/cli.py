@@ -137,6 +137,7 @@ def _bench_workload(args: argparse.Namespace) -> int:
     res = workloads.run(args.workload, engine=engine, url=args.url, model=args.model if args.url else None,
                         num_requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
                         k=args.k, scale=args.scale, vocab_size=args.vocab_size, api_key=args.api_key,
+                        modules=args.modules, module_repair=args.module_repair,
                         log=lambda m: print(m, file=sys.stderr))
     paths = report.write(res, Path(args.out), log=lambda m: print(m, file=sys.stderr))
     print(report.to_markdown(res))
@@ -268,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="soak: a tiny random-weight model with the default tokenizer (a quick run)")
     b.add_argument("--seed", type=int, default=0, help="soak: seed of the request mix")
     b.add_argument("--questions", type=int, default=None, help="modules: questions per workload")
+    b.add_argument("--modules", action="store_true",
+                   help="rag: mark each passage as a module (writes workload-rag-modules.*)")
+    b.add_argument("--module-repair", default=None, help="rag --modules: the requests' module_repair "
+                   "(default: the engine's)")
     b.add_argument("--strategies", nargs="+", default=None,
                    help="modules: repair strategies to compare (default: prefix none legolink:16 legolink:32 "
                         "cacheblend:0.1 cacheblend:0.15 cacheblend:0.3 full)")

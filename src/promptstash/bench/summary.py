@@ -54,7 +54,7 @@ def render(out_dir: Path) -> str:
     reports = {w: _load(out_dir, w) for w in WORKLOADS}
     lines = ["# Benchmark results", "",
              "Produced by `make bench` (`promptstash bench prefix | tiers | rag | chat | system-prompt | trace | "
-             "summary`) on a 2-core x86_64 CPU without a GPU: the default model (Qwen2.5-Coder-0.5B-Instruct, "
+             "rag --modules | modules | summary`) on a 2-core x86_64 CPU without a GPU: the default model (Qwen2.5-Coder-0.5B-Instruct, "
              "Q4_K_M GGUF dequantized), float32 (`dtype=auto` on this CPU), torch 2.13.0 CPU. Every workload measures "
              "caching on and off in the same run (off: the same weights with prefix caching disabled).", ""]
     rag = reports["rag"]
@@ -67,6 +67,16 @@ def render(out_dir: Path) -> str:
                   f"{s['concurrency']}, {s['max_tokens']} output tokens, in-process. The seed's figures came from a "
                   "GPU serving many users; ours are what this CPU measured, whatever they are.", ""]
         lines += seed_table(rag) + [""]
+    rag_modules = _load(out_dir, "rag-modules")
+    if rag_modules is not None:
+        s = rag_modules["setup"]
+        repair = rag_modules["workload"].get("module_repair") or s.get("module_repair") or "the engine's default"
+        lines += ["### The same table with modules (`bench rag --modules`)", "",
+                  f"The same workload with every passage marked as a module (`\"module\": true`), assembled with "
+                  f"`module_repair` `{repair}`: a passage seen once is reused wherever it appears later, not only "
+                  "behind an identical prefix. Approximate: its quality cost is measured in "
+                  "[modules.md](modules.md).", ""]
+        lines += seed_table(rag_modules) + [""]
     lines += ["## Workloads: caching on vs off", ""]
     keys = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "requests_per_s", "total_tokens_per_s",
             "hit_rate", "peak_kv_bytes", "cost_per_1k_openai_style", "cost_per_1k_anthropic_style")
@@ -85,7 +95,8 @@ def render(out_dir: Path) -> str:
             lines.append(f"\nCached tokens {on['cached_tokens']:,} vs the unbounded-cache optimum "
                          f"{report['workload']['optimum_cached_tokens']:,}.")
         lines += ["", f"Details and plots: [workload-{w}.md](workload-{w}.md), ![{w}](workload-{w}.png)", ""]
-    lines += ["Other results: [prefix caching vs transformers](prefix.md), [tiers](tiers.md).", ""]
+    lines += ["Other results: [prefix caching vs transformers](prefix.md), [tiers](tiers.md), [modules: quality and "
+              "speed of every repair strategy](modules.md), [rag with modules](workload-rag-modules.md).", ""]
     return "\n".join(lines)
 
 
