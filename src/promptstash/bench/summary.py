@@ -54,9 +54,9 @@ def render(out_dir: Path) -> str:
     reports = {w: _load(out_dir, w) for w in WORKLOADS}
     lines = ["# Benchmark results", "",
              "Produced by `make bench` (`promptstash bench prefix | tiers | rag | chat | system-prompt | trace | "
-             "rag --modules | modules | summary`) on a 2-core x86_64 CPU without a GPU: the default model (Qwen2.5-Coder-0.5B-Instruct, "
-             "Q4_K_M GGUF dequantized), float32 (`dtype=auto` on this CPU), torch 2.13.0 CPU. Every workload measures "
-             "caching on and off in the same run (off: the same weights with prefix caching disabled).", ""]
+             "rag --modules | modules | summary`) on a 2-core x86_64 CPU without a GPU: the default model "
+             "(Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF dequantized), float32, torch 2.13.0 CPU. Every workload "
+             "measures caching on and off in the same run (off: the same weights with prefix caching disabled).", ""]
     rag = reports["rag"]
     if rag is not None:
         s = rag["setup"]
