@@ -45,8 +45,8 @@ test-quick: setup
 bench: setup redis
 	$(VENV)/bin/promptstash bench prefix --out benchmarks/results
 	$(VENV)/bin/promptstash bench tiers --out benchmarks/results
-	for w in rag system-prompt chat trace; do $(VENV)/bin/promptstash bench $$w --out benchmarks/results || exit 1; done
-	$(VENV)/bin/promptstash bench rag --modules --out benchmarks/results
+	for w in rag system-prompt chat trace; do $(VENV)/bin/promptstash bench $$w --dtype float32 --out benchmarks/results || exit 1; done
+	$(VENV)/bin/promptstash bench rag --modules --dtype float32 --out benchmarks/results
 	$(VENV)/bin/promptstash bench modules --out benchmarks/results
 	$(VENV)/bin/promptstash bench summary --out benchmarks/results
 

@@ -28,8 +28,11 @@ from promptstash.cache.ttl import TTL_SECONDS
 from promptstash.errors import InvalidRequestError
 
 REPAIR_STRATEGIES = ("none", "legolink", "cacheblend", "full")
-DEFAULT_LINK_TOKENS = 32
-DEFAULT_BLEND_FRACTION = 0.15
+# NOTE: defaults chosen by `promptstash bench modules` (benchmarks/results/modules.md): legolink:16 kept the gold
+# answer as close to full as legolink:32 at less cost; cacheblend:0.3 came closest of all strategies at least 2x
+# faster than full, so "cacheblend" (r = 0.3) is also the server default (config.EngineConfig.module_repair).
+DEFAULT_LINK_TOKENS = 16
+DEFAULT_BLEND_FRACTION = 0.3
 DEFAULT_BLEND_LAYER = 1
 MODULE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
