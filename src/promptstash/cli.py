@@ -15,9 +15,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn reuse off (for comparisons)")
-    p.add_argument("--module-repair", default="cacheblend",
+    p.add_argument("--module-repair", default="none",
                    help="modules: what is recomputed where cached modules are assembled, unless a request says: "
-                        "none | legolink[:K] (K=16) | cacheblend[:R] (R=0.3, the default) | full")
+                        "none (the default) | legolink[:K] (K=16) | cacheblend[:R] (R=0.3) | full")
     p.add_argument("--models-dir", default=None, help="where converted models live (default ~/.cache/promptstash)")
 
 

@@ -56,7 +56,7 @@ class EngineConfig:
     redis_ttl_s: float | None = 3600.0  # expiry of unprotected blocks in Redis (protected: their TTL class)
     kv_storage_dtype: str = "auto"  # dtype of stored entries; "auto" = the pool's (exact reuse)
     # modules: what is recomputed where cached modules are assembled (none | legolink[:K] | cacheblend[:R] | full)
-    module_repair: str = "cacheblend"  # = cacheblend:0.3, chosen by `bench modules` (cache/modules.py)
+    module_repair: str = "none"  # chosen by `bench modules` (see cache/modules.py)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
