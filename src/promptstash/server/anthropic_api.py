@@ -89,6 +89,17 @@ def _blocks(content: Any, where: str) -> tuple[TextBlock, ...]:
     return tuple(blocks)
 
 
+def count_tokens(state: ServerState, raw: bytes, tenant: str) -> dict[str, Any]:
+    """POST /v1/messages/count_tokens: the prompt's tokens as /v1/messages would compute them, and whether each
+    cache_control breakpoint reaches --min-cacheable-tokens (a shorter one writes nothing)."""
+    p = _prepare(state, raw, tenant, count_only=True)
+    minimum = state.config.min_cacheable_tokens
+    return {"input_tokens": len(p.token_ids),
+            "cache_breakpoints": [{"prefix_tokens": n, "ttl": ttl, "cacheable": n >= minimum}
+                                  for n, ttl in p.all_breakpoints],
+            "min_cacheable_tokens": minimum}
+
+
 def _messages(body: Body) -> list[ChatMessage]:
     messages: list[ChatMessage] = []
     system = body.data.get("system")
@@ -157,16 +168,20 @@ class _Prepared:
     breakpoints: list[tuple[int, str]]
     modules: tuple[ModuleSpan, ...] = ()
     module_repair: ModuleRepair | None = None  # None: the engine's default
+    all_breakpoints: tuple[tuple[int, str], ...] = ()  # every breakpoint, cacheable or not (count_tokens)
 
     def usage(self, state: ServerState, usage: Usage) -> dict[str, Any]:
         return usage_json(usage, usage_extension(usage, bool(self.modules), self.module_repair,
                                                  state.engine.default_module_repair))
 
 
-def _prepare(state: ServerState, raw: bytes, tenant: str) -> _Prepared:
+def _prepare(state: ServerState, raw: bytes, tenant: str, *, count_only: bool = False) -> _Prepared:
     """Body bytes -> what to submit: JSON, validation, the character cap, the chat template and the
-    tokenizer. Runs on a worker thread: none of it may hold up the event loop."""
+    tokenizer. Runs on a worker thread: none of it may hold up the event loop. count_only: for
+    count_tokens, where max_tokens is optional (the same body is otherwise validated the same way)."""
     body = Body(parse_json_object(raw, state.config.max_body_bytes))
+    if count_only and body.data.get("max_tokens") is None:
+        body.data["max_tokens"] = 0
     model = body.str("model", required=True)
     state.check_model(model)
     max_tokens = body.int("max_tokens", required=True, min=0, max=state.engine.max_model_len)
@@ -195,7 +210,8 @@ def _prepare(state: ServerState, raw: bytes, tenant: str) -> _Prepared:
         raise APIError(400, str(exc), param="messages") from None
     minimum = state.config.min_cacheable_tokens
     breakpoints = [(n, ttl) for n, ttl in prompt.breakpoints if n >= minimum]
-    return _Prepared(model, sampling, stream, namespace, prompt.token_ids, breakpoints, prompt.modules, repair)
+    return _Prepared(model, sampling, stream, namespace, prompt.token_ids, breakpoints, prompt.modules, repair,
+                     prompt.breakpoints)
 
 
 def register(app: FastAPI, state: ServerState) -> None:

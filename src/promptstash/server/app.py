@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from promptstash.config import ServerConfig
 from promptstash.engine.engine import Engine
-from promptstash.server import anthropic_api, modules_api, openai_api
+from promptstash.server import anthropic_api, modules_api, openai_api, tokens_api
 from promptstash.server.dashboard import DASHBOARD_HTML
 from promptstash.server.errors import APIError, error_response
 from promptstash.server.loop import EngineLoop
@@ -178,4 +178,5 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     openai_api.register(app, state)
     anthropic_api.register(app, state)
     modules_api.register(app, state)
+    tokens_api.register(app, state)
     return app

@@ -98,6 +98,11 @@ def _options(state: ServerState, body: Body, tenant: str) -> _Options:
                     max_tokens is not None, repair)
 
 
+def chat_messages_of(body: Body) -> list[ChatMessage]:
+    """The request's `messages` as ChatMessages (400 on malformed ones)."""
+    return _chat_messages(body)
+
+
 def _chat_messages(body: Body) -> list[ChatMessage]:
     raw = body.list("messages", required=True)
     if not raw:

@@ -186,6 +186,14 @@ def _messages_request(model_names: list[str], max_model_len: int) -> dict[str, A
 
 # -- responses -------------------------------------------------------------------------------------------------
 
+def _token_count() -> dict[str, Any]:
+    breakpoint_ = _object({"prefix_tokens": {"type": "integer"}, "ttl": {"type": "string"},
+                           "cacheable": {"type": "boolean"}}, ("prefix_tokens", "ttl", "cacheable"))
+    return _object({"input_tokens": {"type": "integer"},
+                    "cache_breakpoints": {"type": "array", "items": breakpoint_},
+                    "min_cacheable_tokens": {"type": "integer"}}, ("input_tokens",))
+
+
 def _components() -> dict[str, Any]:
     openai_usage = _object({"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
                             "total_tokens": {"type": "integer"},
@@ -330,6 +338,18 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     ):
         paths.setdefault(path, {}).setdefault("post", {}).update(route)  # keeps FastAPI's operationId
 
+    count_request = copy.deepcopy(_messages_request(names, max_model_len))
+    count_request["required"] = [r for r in count_request["required"] if r != "max_tokens"]
+    count_request["properties"]["max_tokens"] = _nullable(count_request["properties"]["max_tokens"])
+    paths.setdefault("/v1/messages/count_tokens", {}).setdefault("post", {}).update({
+        "summary": "Anthropic token counting",
+        "description": "The tokens /v1/messages would compute for this body (validated the same way, max_tokens "
+                       "optional), without running the model; each cache_control breakpoint says whether its "
+                       "prefix reaches --min-cacheable-tokens.",
+        "requestBody": {"required": True, "content": {JSON: {"schema": count_request}}},
+        "responses": {"200": _json_response("the count", _ref("TokenCount")), **_errors(True, 400, 404, 413)},
+    })
+
     module_body = _object({
         "text": {"type": "string", "minLength": 1, "description": "the module's text, tokenized on its own"},
         "id": _nullable({**MODULE_ID, "description": "its id (default: a generated mod_... id); registering an id "
@@ -393,6 +413,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     schemas.update(_components())
+    schemas["TokenCount"] = _token_count()
     components["securitySchemes"] = {
         BEARER: {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
         API_KEY: {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "x-api-key: KEY"},
