@@ -196,7 +196,7 @@ def _prepare(state: ServerState, raw: bytes, tenant: str, *, count_only: bool = 
     metadata = body.obj("metadata")
     if metadata is not None:
         metadata.str("user_id")
-    if body.data.get("tools"):
+    if body.list("tools"):  # NOTE: a tools value that is not an array is a 400 too, even an empty one
         raise body.fail("tools", "tool use is not supported")
     namespace = cache_namespace(tenant, body.str("cache_salt"))
     repair = module_repair_field(body)

@@ -67,7 +67,7 @@ def _options(state: ServerState, body: Body, tenant: str) -> _Options:
     for name in ("presence_penalty", "frequency_penalty"):
         if body.num(name, 0.0, min=-2.0, max=2.0) != 0.0:
             raise body.fail(name, "penalties are not supported (only 0)")
-    if body.data.get("tools"):
+    if body.list("tools"):  # NOTE: a tools value that is not an array is a 400 too, even an empty one
         raise body.fail("tools", "tool calling is not supported")
     response_format = body.obj("response_format")
     if response_format is not None and response_format.str("type", "text") != "text":
