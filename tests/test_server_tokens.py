@@ -82,7 +82,8 @@ def test_bad_token_counting_input_is_a_clear_400_and_the_server_keeps_serving(se
     assert httpx.post(server.url + "/tokenize", json={"prompt": "ok"}).status_code == 200
 
 
-@pytest.mark.parametrize("tools,status", [(None, 200), ([], 200), ({}, 400), ("", 400), (0, 400), ([{"name": "f"}], 400)])
+@pytest.mark.parametrize("tools,status", [(None, 200), ([], 200), ({}, 400), ("", 400), (0, 400),
+                                          ([{"name": "f"}], 400)])
 def test_tools_must_be_an_array_and_empty_until_tool_use_is_supported(server, tools, status) -> None:
     body = {"model": model(server), "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
     assert httpx.post(server.url + "/v1/messages", json=body).status_code == status
