@@ -172,8 +172,7 @@ class CacheManager:
             max_blocks = (num_tokens - 1) // self.block_size
             for block_id in self.index.longest_prefix(seq.hashes, len(seq.block_ids), max_blocks):
                 self.pool.touch(block_id)
-                if (pin := self._pins.get(block_id)) is not None:  # a hit refreshes the TTL
-                    pin.expires_at = self.clock() + self.ttl_seconds[pin.ttl_class]
+                self._refresh_pins((block_id,))  # a hit refreshes the TTL
                 seq.block_ids.append(block_id)
             for h in seq.hashes[seq.num_published:len(seq.block_ids)]:
                 if self._pending.get(h) == seq_id:
@@ -326,23 +325,35 @@ class CacheManager:
         False (nothing changed) if that would exceed max_protected_blocks."""
         if ttl_class not in self.ttl_seconds:
             raise ValueError(f"unknown TTL class {ttl_class!r}")
+        if not self._may_pin(block_ids):
+            return False
+        now = self.clock()
+        for block_id, h in zip(block_ids, hashes, strict=True):
+            self._pin(block_id, h, ttl_class, now)
+        return True
+
+    def _may_pin(self, block_ids: Sequence[int]) -> bool:
+        """Whether pinning these blocks stays within max_protected_blocks (counts a refused write if not)."""
         new = [b for b in dict.fromkeys(block_ids) if b not in self._pins]
         if len(self._pins) + len(new) > self.max_protected_blocks:
             self._num_refused_writes += 1
             return False
-        now = self.clock()
-        for block_id, h in zip(block_ids, hashes, strict=True):
-            pin = self._pins.get(block_id)
-            if pin is None:
-                self.pool.touch(block_id)
-                pin = self._pins[block_id] = _Pin(ttl_class, now)
-            elif self.ttl_seconds[ttl_class] > self.ttl_seconds[pin.ttl_class]:
-                pin.ttl_class = ttl_class
-            pin.expires_at = max(pin.expires_at, now + self.ttl_seconds[pin.ttl_class])
-            self._next_expiry = min(self._next_expiry, pin.expires_at)
-            if self.store is not None and pin.ttl_class != "5m":
-                self.store.save(block_id, h, pin.ttl_class)
         return True
+
+    def _pin(self, block_id: int, block_hash: bytes, ttl_class: str, now: float) -> str:
+        """Protect one published block (a pinned one keeps the longer class; its TTL restarts); returns its class.
+        Long classes are written to the tiers with their expiry too."""
+        pin = self._pins.get(block_id)
+        if pin is None:
+            self.pool.touch(block_id)
+            pin = self._pins[block_id] = _Pin(ttl_class, now)
+        elif self.ttl_seconds[ttl_class] > self.ttl_seconds[pin.ttl_class]:
+            pin.ttl_class = ttl_class
+        pin.expires_at = max(pin.expires_at, now + self.ttl_seconds[pin.ttl_class])
+        self._next_expiry = min(self._next_expiry, pin.expires_at)
+        if self.store is not None and pin.ttl_class != "5m":
+            self.store.save(block_id, block_hash, pin.ttl_class)
+        return pin.ttl_class
 
     # -- TTL protection --------------------------------------------------------------------------
     def protect(self, seq_id: str, breakpoints: Sequence[tuple[int, str]]) -> ProtectResult:
@@ -366,25 +377,10 @@ class CacheManager:
             if self.pool.blocks[seq.block_ids[j]].block_hash is None:
                 classes = classes[:j]
                 break
-        new = [seq.block_ids[j] for j in range(len(classes)) if seq.block_ids[j] not in self._pins]
-        if len(self._pins) + len(new) > self.max_protected_blocks:
-            self._num_refused_writes += 1
+        if not self._may_pin(seq.block_ids[:len(classes)]):
             return ProtectResult((), refused=True)
         now = self.clock()
-        result = []
-        for j, ttl_class in enumerate(classes):
-            block_id = seq.block_ids[j]
-            pin = self._pins.get(block_id)
-            if pin is None:
-                self.pool.touch(block_id)
-                pin = self._pins[block_id] = _Pin(ttl_class, now)
-            elif self.ttl_seconds[ttl_class] > self.ttl_seconds[pin.ttl_class]:
-                pin.ttl_class = ttl_class
-            pin.expires_at = max(pin.expires_at, now + self.ttl_seconds[pin.ttl_class])
-            self._next_expiry = min(self._next_expiry, pin.expires_at)
-            result.append(pin.ttl_class)
-            if self.store is not None and pin.ttl_class != "5m":  # long classes are kept in the tiers too
-                self.store.save(block_id, seq.hashes[j], pin.ttl_class)
+        result = [self._pin(seq.block_ids[j], seq.hashes[j], ttl_class, now) for j, ttl_class in enumerate(classes)]
         return ProtectResult(tuple(result), refused=False)
 
     def expire(self) -> int:

@@ -24,7 +24,7 @@ request's blocks beyond it (limit_publish), so approximate K/V never pose as an 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from promptstash.cache.modules import ModuleRepair, ModuleSpan
 
@@ -56,8 +56,6 @@ class Assembly:
     row_module: list[int]  # per row: index of the module it repairs, or -1 (text, question)
     repair: ModuleRepair
     next_row: int = 0
-    num_lookups_counted: bool = False
-    misc: dict[str, int] = field(default_factory=dict)
 
     @property
     def first_module_start(self) -> int:
@@ -69,13 +67,6 @@ class Assembly:
 
     def next_encode(self) -> ModuleWork | None:
         return next((w for w in self.works if not w.filled), None)
-
-    def module_of(self, position: int) -> int:
-        return next((i for i, w in enumerate(self.works) if w.span.start <= position < w.span.end), -1)
-
-    @property
-    def num_module_tokens(self) -> int:
-        return sum(w.span.num_tokens for w in self.works)
 
     @property
     def num_reused(self) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from promptstash.cache.manager import CacheManager, CacheStats
+from promptstash.cache.manager import CacheManager, CacheStats, LoadPlan
 from promptstash.cache.modules import ModuleRegistry, ModuleRepair, ModuleSpan, RegisteredModule
 from promptstash.cache.tiers.base import TierStats
 from promptstash.cache.tiers.store import KVStore, lower_thread_priority
@@ -473,15 +473,7 @@ class Engine:
             if plan is not None:
                 num_present = self.kv_store.num_leading(list(plan.hashes[plan.start:]))
                 if num_present:
-                    with self._lock:
-                        reservation = None if request.finished else self.cache.reserve_load(plan, num_present)
-                    if reservation is not None:
-                        num_loaded = 0
-                        try:
-                            num_loaded = self.kv_store.load(reservation.items, busy=self._computing)
-                        finally:
-                            with self._lock:
-                                self.cache.finish_load(reservation, num_loaded)
+                    self._load_planned(request, plan, num_present)
             if request.module_repair.strategy != "full":
                 for hashes in dict.fromkeys(request.module_hashes):  # a module used twice loads once
                     self._load_module(request, hashes)
@@ -506,19 +498,28 @@ class Engine:
         num_missing = len(plan.hashes) - plan.start
         if self.kv_store.num_leading(list(plan.hashes[plan.start:])) < num_missing:
             return  # part of it is gone: it will be computed
+        num_loaded, num_reserved = self._load_planned(request, plan, num_missing, module=True)
+        if num_reserved and num_loaded == num_reserved:
+            with self._lock:
+                self.cache.note_module(hashes)
+                self._module_counts["num_tier_hits"] += 1
+
+    def _load_planned(self, request: Request, plan: LoadPlan, num_blocks: int, *, module: bool = False
+                      ) -> tuple[int, int]:
+        """Reserve pool blocks for the next num_blocks of a plan, read them from the tiers without the lock,
+        publish what was read. Returns (blocks read, blocks reserved); (0, 0) if nothing could be reserved."""
+        assert self.kv_store is not None
         with self._lock:
-            reservation = None if request.finished else self.cache.reserve_load(plan, num_missing)
+            reservation = None if request.finished else self.cache.reserve_load(plan, num_blocks)
         if reservation is None:
-            return
+            return 0, 0
         num_loaded = 0
         try:
             num_loaded = self.kv_store.load(reservation.items, busy=self._computing)
         finally:
             with self._lock:
-                self.cache.finish_load(reservation, num_loaded, module=True)
-                if num_loaded == len(reservation.items):
-                    self.cache.note_module(hashes)
-                    self._module_counts["num_tier_hits"] += 1
+                self.cache.finish_load(reservation, num_loaded, module=module)
+        return num_loaded, len(reservation.items)
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
