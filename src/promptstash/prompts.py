@@ -31,6 +31,7 @@ from typing import Any
 
 from promptstash.cache.modules import ModuleSpan, RegisteredModule
 from promptstash.errors import InvalidRequestError
+from promptstash.tools import ToolCall, ToolDef
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,11 @@ class TextBlock:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    role: str
+    role: str  # system | user | assistant | tool
     blocks: tuple[TextBlock, ...]
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant: the calls it made (rendered by the chat template)
+    tool_call_id: str | None = None  # tool: the call this message answers
+    name: str | None = None  # tool: the function's name
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,13 @@ class RenderedPrompt:
 ModuleResolver = Callable[[str], RegisteredModule]  # module id -> the registered module (raises if unknown)
 
 
-def render(tokenizer: Any, messages: list[ChatMessage], resolve_module: ModuleResolver | None = None
-           ) -> RenderedPrompt:
+def render(tokenizer: Any, messages: list[ChatMessage], resolve_module: ModuleResolver | None = None,
+           tools: Sequence[ToolDef] = (), continue_final: bool = False) -> RenderedPrompt:
+    """tools: function definitions, rendered by the chat template (ahead of the conversation, so they are
+    cached); a ToolDef's ttl_class is a breakpoint right after it. continue_final: the last message is an
+    assistant prefill that generation continues (no end of turn, no new assistant header)."""
+    if tools or continue_final:
+        raise NotImplementedError  # TODO(tools): render tool definitions and tool messages
     if tokenizer is None:
         raise InvalidRequestError("this model has no tokenizer, so chat messages cannot be rendered")
     tag = secrets.token_hex(6)

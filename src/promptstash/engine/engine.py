@@ -37,6 +37,7 @@ from promptstash.cache.tiers.base import TierStats
 from promptstash.cache.tiers.store import KVStore, lower_thread_priority
 from promptstash.config import DTYPES, EngineConfig
 from promptstash.engine.assembly import Fill, ModuleWork
+from promptstash.engine.grammar import CompiledGrammar, GrammarSpec, compile_grammar
 from promptstash.engine.request import Request, RequestStatus, StopChecker
 from promptstash.engine.results import DEFAULT_NAMESPACE, Completion, RequestUpdate, Timings, Usage
 from promptstash.engine.runner import ModelRunner, StepLogits
@@ -46,6 +47,7 @@ from promptstash.errors import ContextLengthError, InvalidRequestError
 from promptstash.models.config import ModelConfig
 from promptstash.models.llama import KVCache, LlamaModel
 from promptstash.prompts import ChatMessage, RenderedPrompt, chat_messages, render
+from promptstash.tools import ToolDef
 
 __all__ = ["DEFAULT_NAMESPACE", "Completion", "Engine", "EngineStats", "ModuleRepair", "ModuleSpan", "ModuleStats",
            "Prompt", "PromptLogits", "RegisteredModule", "RequestUpdate", "StepResult", "Timings", "Usage"]
@@ -262,17 +264,25 @@ class Engine:
             return items
         raise InvalidRequestError("prompt must be a string, a list of token ids or a list of chat messages")
 
-    def render(self, messages: Sequence[dict[str, Any]] | Sequence[ChatMessage], namespace: str = DEFAULT_NAMESPACE
-               ) -> RenderedPrompt:
+    def render(self, messages: Sequence[dict[str, Any]] | Sequence[ChatMessage], namespace: str = DEFAULT_NAMESPACE,
+               *, tools: Sequence[ToolDef] = (), continue_final: bool = False) -> RenderedPrompt:
         """Chat messages -> token ids, cache breakpoints and module spans. Messages are ChatMessages or
         OpenAI-style dicts whose content parts may be `{"type": "text", "text": ..., "module": true}` or
-        `{"type": "module", "id": ...}` (a module registered in `namespace`)."""
+        `{"type": "module", "id": ...}` (a module registered in `namespace`). tools / continue_final: see
+        prompts.render."""
         items = list(messages)
         if not items:
             raise InvalidRequestError("prompt is empty")
         msgs = items if all(isinstance(m, ChatMessage) for m in items) else chat_messages(items)
         self.check_prompt_chars(sum(len(b.text) for m in msgs for b in m.blocks))
-        return render(self._require_tokenizer(), msgs, lambda module_id: self._resolve_module(namespace, module_id))
+        return render(self._require_tokenizer(), msgs, lambda module_id: self._resolve_module(namespace, module_id),
+                      tools=tools, continue_final=continue_final)
+
+    def compile_grammar(self, spec: GrammarSpec) -> CompiledGrammar:
+        """The compiled grammar of a spec (cached by spec.key); InvalidRequestError if it cannot be compiled.
+        Compiling may take a while: callers on an event loop run it on a worker thread first, so that
+        add_request finds it in the cache."""
+        return compile_grammar(spec, self._require_tokenizer(), self.model.config.vocab_size)
 
     def _resolve_module(self, namespace: str, module_id: str) -> RegisteredModule:
         module = self.modules.get(namespace, module_id)

@@ -38,6 +38,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability under the model (raw logits, before penalties, bias or grammar),
+    and the `top` most likely tokens at that position (as many as SamplingParams.logprobs asks)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Timings:
     ttft_s: float  # arrival -> first output token (or end of prefill when max_tokens == 0)
     total_s: float  # arrival -> finished
@@ -56,6 +66,16 @@ class Completion:
     namespace: str = DEFAULT_NAMESPACE
     tenant: str = DEFAULT_NAMESPACE
     error: str | None = None  # what went wrong, when finish_reason == "error"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # per output token, when SamplingParams.logprobs is set
+    index: int = 0  # which sample of the prompt (0 .. n-1)
+    # n > 1: every sample's completion, in index order (this one's fields are sample 0's, but usage counts the
+    # prompt once and the output tokens of all samples)
+    choices: tuple[Completion, ...] = ()
+
+    @property
+    def samples(self) -> tuple[Completion, ...]:
+        """Every sample's completion (just this one when n == 1)."""
+        return self.choices or (self,)
 
 
 @dataclass(frozen=True)
@@ -73,3 +93,6 @@ class RequestUpdate:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
     usage: Usage | None = None
     completion: Completion | None = None
+    index: int = 0  # which sample (n > 1); finished is True only on the last update of the whole request
+    sample_finish_reason: str | None = None  # set on the last update of sample `index`
+    new_logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when SamplingParams.logprobs is set

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from promptstash.engine.grammar import GrammarSpec
 from promptstash.errors import InvalidRequestError
 
 MIN_TEMPERATURE = 1e-5
+MAX_N = 16
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1  # samples of one prompt: the prompt is computed once, then each sample decodes on its own
+    logprobs: int | None = None  # None: off; k >= 0: each output token's log-probability and the top k
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output (divides positive logits)
+    min_p: float = 0.0  # drop tokens whose probability is below min_p times the top token's
+    grammar: GrammarSpec | None = None  # constrained decoding (engine/grammar.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
@@ -38,6 +49,26 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= float(getattr(self, name)) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < float(self.repetition_penalty) <= 2.0:
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if not 0.0 <= float(self.min_p) <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for token_id, bias in self.logit_bias:
+            if not -100.0 <= float(bias) <= 100.0:
+                raise InvalidRequestError(f"logit_bias for token {token_id} must be in [-100, 100], got {bias!r}")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Anything changes the logits before the choice (penalties, bias, min_p)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or (
+            self.repetition_penalty != 1.0) or self.min_p > 0.0
 
     @property
     def greedy(self) -> bool:
