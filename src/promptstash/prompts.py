@@ -10,6 +10,8 @@ cut out (remembering their character offsets), and the clean text is tokenized:
     position = number of tokens that end at or before c (the prefix holds only whole tokens)
 
 The token ids are those of the clean text, exactly what the engine would compute for the same messages.
+Tool definitions and tool-call arguments are written by the template with `tojson`, which would escape a
+marker inside them: they are given as MarkedJSON dicts, whose `tojson` is followed by the raw marker.
 
 Modules (blocks marked `module`) are tokenized on their own: the block's text is replaced by a marker, the
 rendered text is cut at the markers, and each piece and each module is tokenized separately:
@@ -23,6 +25,7 @@ module's edges may differ from tokenizing the whole text at once. Without module
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +34,7 @@ from typing import Any
 
 from promptstash.cache.modules import ModuleSpan, RegisteredModule
 from promptstash.errors import InvalidRequestError
+from promptstash.models.tokenizer import MarkedJSON
 from promptstash.tools import ToolCall, ToolDef
 
 
@@ -49,6 +53,7 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()  # assistant: the calls it made (rendered by the chat template)
     tool_call_id: str | None = None  # tool: the call this message answers
     name: str | None = None  # tool: the function's name
+    tool_call_ttls: tuple[str | None, ...] = ()  # a breakpoint after tool_calls[i]'s arguments (missing: none)
 
 
 @dataclass(frozen=True)
@@ -63,17 +68,35 @@ ModuleResolver = Callable[[str], RegisteredModule]  # module id -> the registere
 
 def render(tokenizer: Any, messages: list[ChatMessage], resolve_module: ModuleResolver | None = None,
            tools: Sequence[ToolDef] = (), continue_final: bool = False) -> RenderedPrompt:
-    """tools: function definitions, rendered by the chat template (ahead of the conversation, so they are
-    cached); a ToolDef's ttl_class is a breakpoint right after it. continue_final: the last message is an
-    assistant prefill that generation continues (no end of turn, no new assistant header)."""
-    if tools or continue_final:
-        raise NotImplementedError  # TODO(tools): render tool definitions and tool messages
+    """Chat messages (and tool definitions) -> token ids, breakpoint positions and module spans.
+
+    tools: function definitions, given to the chat template as `tools=[tool.template_json(), ...]` (Qwen2.5 and
+    Llama 3 templates write them ahead of the conversation, so they are part of the cached prefix). A ToolDef's
+    ttl_class is a breakpoint right after the JSON of its definition; a message's tool_call_ttls[i] one right
+    after the JSON arguments of its i-th tool call. Both are found through MarkedJSON (models/tokenizer.py); a
+    template that writes tools some other way than `tool | tojson` drops those breakpoints.
+    Assistant tool calls reach the template as `tool_calls=[{"type": "function", "id", "function": {"name",
+    "arguments": dict}}]` (templates `tojson` the arguments); tool messages carry `tool_call_id` and `name`.
+    continue_final: the last message is an assistant prefill: the prompt ends right after its text (no end of
+    turn, no new assistant header) and generation continues it. Breakpoints come out in prompt order.
+    Raises InvalidRequestError for what cannot be rendered (arguments that are not a JSON object, a prefill
+    that is not an assistant text message, a template that rejects the messages).
+    """
     if tokenizer is None:
         raise InvalidRequestError("this model has no tokenizer, so chat messages cannot be rendered")
+    if continue_final and (not messages or messages[-1].role != "assistant" or messages[-1].tool_calls):
+        raise InvalidRequestError("continue_final: the last message must be an assistant message without tool calls")
     tag = secrets.token_hex(6)
     pattern = re.compile(f"\x00{tag}:([bm])(\\d+)\x00")
     classes: list[str] = []
     module_tokens: list[tuple[list[int], str | None, str | None]] = []  # (token ids, module id, ttl class)
+
+    def breakpoint_marker(ttl_class: str) -> str:
+        classes.append(ttl_class)
+        return f"\x00{tag}:b{len(classes) - 1}\x00"
+
+    tool_json = [tool.template_json() if tool.ttl_class is None
+                 else MarkedJSON(tool.template_json(), breakpoint_marker(tool.ttl_class)) for tool in tools]
     plain = []
     for message in messages:
         parts = []
@@ -92,11 +115,29 @@ def render(tokenizer: Any, messages: list[ChatMessage], resolve_module: ModuleRe
                 text = f"\x00{tag}:m{len(module_tokens)}\x00"
                 module_tokens.append((ids, block.module_id, ttl))
             if block.ttl_class is not None:
-                text += f"\x00{tag}:b{len(classes)}\x00"
-                classes.append(block.ttl_class)
+                text += breakpoint_marker(block.ttl_class)
             parts.append(text)
-        plain.append({"role": message.role, "content": "\n".join(parts)})
-    rendered = tokenizer.apply_chat_template(plain, add_generation_prompt=True)
+        entry: dict[str, Any] = {"role": message.role, "content": "\n".join(parts)}
+        if message.tool_calls:
+            entry["tool_calls"] = [_template_call(call, ttls, breakpoint_marker) for call, ttls in
+                                   zip(message.tool_calls, _padded(message.tool_call_ttls, len(message.tool_calls)),
+                                       strict=True)]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            entry["name"] = message.name
+        plain.append(entry)
+    end_marker = f"\x00{tag}:end\x00"
+    if continue_final:
+        plain[-1]["content"] += end_marker
+    rendered = tokenizer.apply_chat_template(plain, add_generation_prompt=not continue_final,
+                                             tools=tool_json or None)
+    if continue_final:
+        cut = rendered.rfind(end_marker)
+        if cut < 0:
+            raise InvalidRequestError("continue_final: the chat template does not write the final assistant "
+                                      "message's text, so it cannot be continued")
+        rendered = rendered[:cut]
     token_ids: list[int] = []
     positions: dict[int, int] = {}  # breakpoint -> token position
     modules: list[ModuleSpan] = []
@@ -131,8 +172,25 @@ def render(tokenizer: Any, messages: list[ChatMessage], resolve_module: ModuleRe
     piece.append(rendered[last:])
     piece_len += len(rendered) - last
     flush()
-    breakpoints = [(positions[i], ttl_class) for i, ttl_class in enumerate(classes) if i in positions]
-    return RenderedPrompt(token_ids, tuple(breakpoints), tuple(modules))
+    breakpoints = sorted((positions[i], i, ttl_class) for i, ttl_class in enumerate(classes) if i in positions)
+    return RenderedPrompt(token_ids, tuple((n, ttl_class) for n, _, ttl_class in breakpoints), tuple(modules))
+
+
+def _padded(ttls: tuple[str | None, ...], n: int) -> tuple[str | None, ...]:
+    return (ttls + (None,) * n)[:n]
+
+
+def _template_call(call: ToolCall, ttl_class: str | None, marker: Callable[[str], str]) -> dict[str, Any]:
+    """A tool call as chat templates take it; the arguments as a dict (templates `tojson` them)."""
+    try:
+        arguments = json.loads(call.arguments) if call.arguments.strip() else {}
+    except ValueError:
+        raise InvalidRequestError(f"tool call {call.id!r} ({call.name}): arguments are not valid JSON") from None
+    if not isinstance(arguments, dict):
+        raise InvalidRequestError(f"tool call {call.id!r} ({call.name}): arguments must be a JSON object")
+    if ttl_class is not None:
+        arguments = MarkedJSON(arguments, marker(ttl_class))
+    return {"type": "function", "id": call.id, "function": {"name": call.name, "arguments": arguments}}
 
 
 def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:

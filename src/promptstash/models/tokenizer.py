@@ -26,6 +26,22 @@ def _raise_exception(message: str) -> NoReturn:
     raise InvalidRequestError(f"chat template rejected the messages: {message}")
 
 
+class MarkedJSON(dict):
+    """A dict that the template's ``tojson`` filter writes followed by ``marker`` (raw, unescaped).
+
+    Chat templates write tool definitions and tool-call arguments with ``value | tojson``, which would escape a
+    marker put inside a string (``\x00`` -> ``\\u0000``). prompts.render gives such values as MarkedJSON to
+    learn where their JSON ends in the rendered text (a cache breakpoint), then cuts the markers out. Elsewhere
+    it is an ordinary dict: a template that dumps a list holding it (``tools | tojson``) writes no marker.
+    """
+
+    __slots__ = ("marker",)
+
+    def __init__(self, value: Mapping[str, Any], marker: str) -> None:
+        super().__init__(value)
+        self.marker = marker
+
+
 def _tojson(
     value: Any,
     ensure_ascii: bool = False,
@@ -33,7 +49,10 @@ def _tojson(
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    """The ``tojson`` filter as transformers defines it (no HTML escaping, non-ASCII kept); a MarkedJSON value
+    is followed by its marker."""
+    text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return text + value.marker if isinstance(value, MarkedJSON) else text
 
 
 def _strftime_now(format: str) -> str:
