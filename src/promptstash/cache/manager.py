@@ -85,6 +85,11 @@ class ProtectResult:
     refused: bool
 
 
+@dataclass(frozen=True)
+class ForkResult:
+    copy: tuple[int, int] | None  # (parent's partial block, child's block): copy its K/V; None if no partial block
+
+
 @dataclass
 class _Pin:
     ttl_class: str
@@ -225,6 +230,35 @@ class CacheManager:
             if self._pending.get(h) == seq_id:
                 del self._pending[h]
         seq.num_published = max(seq.num_published, num_full)
+
+    def fork(self, seq_id: str, child_id: str, num_tokens: int) -> ForkResult | None:
+        """Open child_id holding the same K/V as seq_id's first num_tokens tokens (n > 1 samples of one
+        prompt): full blocks are shared by reference; a partial last block gets a fresh block of the child's
+        own, whose K/V the caller copies (ForkResult.copy). None (nothing changed) if the pool is short.
+
+            parent: [ b0 ][ b1 ][ b2: 5 of 16 tokens ]
+            child:  [ b0 ][ b1 ][ b7 ] <- caller copies the 5 slots of b2 into b7
+        """
+        if child_id in self._seqs:
+            raise ValueError(f"sequence {child_id!r} is already open")
+        seq = self._seqs[seq_id]
+        num_full, partial = divmod(num_tokens, self.block_size)
+        if len(seq.block_ids) < num_full + (partial > 0):
+            raise ValueError(f"sequence {seq_id!r} holds fewer than {num_tokens} tokens")
+        copy: tuple[int, int] | None = None
+        if partial:
+            new = self.pool.allocate(1)
+            if new is None:
+                return None
+            copy = (seq.block_ids[num_full], new[0])
+        shared = seq.block_ids[:num_full]
+        for block_id in shared:
+            self.pool.touch(block_id)
+        child = _Seq(root=seq.root, block_ids=shared + ([copy[1]] if copy else []), hashes=list(seq.hashes),
+                     num_published=min(seq.num_published, num_full), matching=False,
+                     max_published=seq.max_published)
+        self._seqs[child_id] = child
+        return ForkResult(copy)
 
     def close(self, seq_id: str) -> None:
         """Release a finished, aborted or preempted sequence: tail blocks become evictable first."""

@@ -38,8 +38,8 @@ from promptstash.cache.tiers.store import KVStore, lower_thread_priority
 from promptstash.config import DTYPES, EngineConfig
 from promptstash.engine.assembly import Fill, ModuleWork
 from promptstash.engine.grammar import CompiledGrammar, GrammarSpec, compile_grammar
-from promptstash.engine.request import Request, RequestStatus, StopChecker
-from promptstash.engine.results import DEFAULT_NAMESPACE, Completion, RequestUpdate, Timings, Usage
+from promptstash.engine.request import Request, RequestStatus, SampleGroup, StopChecker
+from promptstash.engine.results import DEFAULT_NAMESPACE, Completion, RequestUpdate, Timings, TokenLogprob, Usage
 from promptstash.engine.runner import ModelRunner, StepLogits
 from promptstash.engine.sampling import SamplingParams, make_generator, sample
 from promptstash.engine.scheduler import ScheduledChunk, Scheduler
@@ -159,6 +159,7 @@ class Engine:
         self.default_module_repair = ModuleRepair.parse(config.module_repair)
         self._requests: dict[str, Request] = {}  # unfinished requests
         self._results: dict[str, Completion] = {}  # finished, not detached, completion() not yet taken
+        self._groups: dict[str, SampleGroup] = {}  # unfinished requests with n > 1, by request id
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._wake = threading.Event()  # set when there may be new work for step()
@@ -388,9 +389,12 @@ class Engine:
                 f"own blocks ({module_tokens} tokens) need more KV than the pool holds ({pool_tokens} tokens): use "
                 "fewer or shorter modules, or raise kv_cache_tokens")
         decoder = self.tokenizer.incremental_decoder() if self.tokenizer is not None else _NoTextDecoder()
+        constraint = self.compile_grammar(sampling.grammar).constraint() if sampling.grammar is not None else None
         with self._lock:
             rid = request_id or f"req-{next(self._ids)}"
-            if rid in self._requests or rid in self._results:
+            if "#" in rid:
+                raise InvalidRequestError(f"request id {rid!r} may not contain '#' (it names samples of n > 1)")
+            if rid in self._requests or rid in self._results or rid in self._groups:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")
             request = Request(
                 request_id=rid, prompt_token_ids=token_ids, sampling=sampling, namespace=namespace,
@@ -403,7 +407,11 @@ class Engine:
                 modules=modules if self.config.enable_prefix_caching else (), module_repair=repair,
                 module_hashes=tuple(self.cache.module_hashes(token_ids[m.start:m.end], namespace) for m in modules)
                 if self.config.enable_prefix_caching else (),
+                constraint=constraint,
             )
+            if sampling.n > 1:
+                request.group = SampleGroup(rid, sampling.n, live={0: request})
+                self._groups[rid] = request.group
             self._requests[rid] = request
             self._num_unfinished += 1
             self._unfinished_by_tenant[request.tenant] += 1
@@ -438,7 +446,11 @@ class Engine:
         """Stop a request now and release its blocks (no-op if it already finished)."""
         with self._lock:
             request = self._requests.get(request_id)
-            if request is not None:
+            group = self._groups.get(request_id)
+            if group is not None:
+                for sample in list(group.live.values()):
+                    self._finish(sample, "abort")
+            elif request is not None:
                 self._finish(request, "abort")
 
     def has_unfinished(self) -> bool:
@@ -457,8 +469,9 @@ class Engine:
         return self._num_loading
 
     def unfinished_ids(self) -> set[str]:
+        """Ids of unfinished requests (a request with n > 1 samples is one id)."""
         with self._lock:
-            return set(self._requests)
+            return {rid for rid, r in self._requests.items() if r.index == 0} | set(self._groups)
 
     def wake(self) -> None:
         """Make a wait_for_work() return now."""
@@ -564,18 +577,17 @@ class Engine:
                 if request.status is not RequestStatus.RUNNING:
                     continue
                 try:
-                    update = self._post_process(chunk, out, rows, now, out.kept[i])
+                    updates.extend(self._post_process(chunk, out, rows, now, out.kept[i]))
                 except Exception as exc:
                     log.exception("post-processing request %s failed; finishing it with an error", request.request_id)
-                    update = self._finish(request, "error", error=_describe(exc, "post-processing failed"))
-                if update is not None:
-                    updates.append(update)
+                    if not request.finished:
+                        updates.append(self._finish(request, "error", error=_describe(exc, "post-processing failed")))
             return StepResult(tuple(updates), len(chunks))
 
     def _post_process(self, chunk: ScheduledChunk, out: StepLogits, rows: slice, now: float,
-                      kept: torch.Tensor | None = None) -> RequestUpdate | None:
+                      kept: torch.Tensor | None = None) -> list[RequestUpdate]:
         """Everything after the forward pass, for one request: commit its blocks, protect its breakpoints,
-        keep prompt logits, sample, check stops, and emit its update."""
+        keep prompt logits, fork its other samples (n > 1), sample, check stops, and emit updates."""
         request = chunk.request
         if chunk.kind == "compute":
             self._num_computed_prompt_tokens += max(0, min(chunk.end, request.prompt_len) - chunk.start)
@@ -590,31 +602,102 @@ class Engine:
             request.prompt_logits.append(out.logits[rows])
             request.prompt_logit_positions.append(out.positions[rows])
         if end < len(request.token_ids):
-            return None  # more of the prompt to compute
+            return []  # more of the prompt to compute
+        logits = out.logits[rows.stop - 1] if rows.stop > rows.start else None  # None: no row (max_tokens == 0)
+        samples = [request]
+        if request.group is not None and not request.group.forked:
+            samples += self._fork(request)
+        updates = []
+        for one in samples:
+            try:
+                updates.append(self._sample_next(one, logits, now))
+            except Exception as exc:
+                if one is request:
+                    raise
+                log.exception("sampling request %s failed; finishing it with an error", one.request_id)
+                if not one.finished:
+                    updates.append(self._finish(one, "error", error=_describe(exc, "sampling failed")))
+        return updates
+
+    def _sample_next(self, request: Request, logits: torch.Tensor | None, now: float) -> RequestUpdate:
+        """Choose the request's next token from its last position's logits [V], check stops, emit an update."""
         params = request.sampling
         if request.num_output_tokens >= params.max_tokens:  # max_tokens == 0: prefill only
             request.first_token_time = request.first_token_time or now
             return self._finish(request, "length")
-        token = sample(out.logits[rows.stop - 1], params, request.generator)
+        assert logits is not None
+        allowed = request.constraint.allowed() if request.constraint is not None else None
+        if allowed is not None and not bool(allowed.any()):
+            return self._finish(request, "error", error="the grammar allows no next token")
+        token = sample(request.sampler.process(logits, allowed), params, request.generator)
         request.token_ids.append(token)
+        request.sampler.note(token)
+        new_logprobs = (request.sampler.record_logprobs(logits, token),) if params.logprobs is not None else ()
         self._num_generated_tokens += 1
         if request.first_token_time is None:
             request.first_token_time = now
         reason = None
         if token in request.eos_token_ids or token in params.stop_token_ids:
             reason = "stop"
-        elif request.stop_checker.push(token):
-            reason = "stop"
-        elif request.num_output_tokens >= params.max_tokens or len(request.token_ids) >= self.max_model_len:
-            reason = "length"
+        else:
+            if request.constraint is not None:
+                request.constraint.accept(token)
+            if request.stop_checker.push(token) or (request.constraint is not None and request.constraint.finished):
+                reason = "stop"
+            elif request.num_output_tokens >= params.max_tokens or len(request.token_ids) >= self.max_model_len:
+                reason = "length"
         if reason is not None:
-            return self._finish(request, reason, new_token=token)
+            return self._finish(request, reason, new_token=token, new_logprobs=new_logprobs)
         usage = None if request.sent_usage else self._usage(request)
         request.sent_usage = True
-        update = RequestUpdate(request.request_id, (token,), request.stop_checker.take(final=False), False, None,
-                               usage=usage)
+        update = RequestUpdate(request.request_id if request.group is None else request.group.request_id, (token,),
+                               request.stop_checker.take(final=False), False, None, usage=usage,
+                               index=request.index, new_logprobs=new_logprobs)
         self._emit(request, update)
         return update
+
+    def _fork(self, request: Request) -> list[Request]:
+        """The other n - 1 samples of a request whose prompt is computed: each shares its blocks (a partial
+        last block is copied) and gets its own sampler, grammar state, stop checker and generator. A sample
+        the pool has no room for finishes with an error."""
+        group = request.group
+        assert group is not None
+        group.forked = True
+        children = []
+        for i in range(1, group.n):
+            child_id = f"{group.request_id}#{i}"
+            seed = None if request.sampling.seed is None else request.sampling.seed + i
+            decoder = self.tokenizer.incremental_decoder() if self.tokenizer is not None else _NoTextDecoder()
+            child = Request(
+                request_id=child_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
+                namespace=request.namespace, tenant=request.tenant,
+                stop_checker=StopChecker(decoder, request.sampling.stop), eos_token_ids=request.eos_token_ids,
+                generator=make_generator(seed, self.model.device), on_update=request.on_update,
+                detach=request.detach, cache_breakpoints=(), modules=request.modules,
+                module_repair=request.module_repair,
+                constraint=request.constraint.fork() if request.constraint is not None else None,
+                index=i, group=group,
+            )
+            child.sampler = request.sampler.fork()
+            child.num_cached_tokens = request.prompt_len  # computed once, by sample 0
+            child.module_usage = (0, 0, 0, 0) if request.modules else None
+            child.arrival_time = request.arrival_time
+            child.sent_usage = True  # usage is the group's: sample 0 reports it
+            group.live[i] = child
+            self._requests[child_id] = child
+            result = self.cache.fork(request.request_id, child_id, request.prompt_len)
+            if result is None:
+                self._finish(child, "error", error="the KV pool has no room for this sample")
+                continue
+            if result.copy is not None:
+                src, dst = result.copy
+                bs = self.cache.block_size
+                self.kv.k[:, dst * bs:(dst + 1) * bs] = self.kv.k[:, src * bs:(src + 1) * bs]
+                self.kv.v[:, dst * bs:(dst + 1) * bs] = self.kv.v[:, src * bs:(src + 1) * bs]
+            child.num_computed = request.prompt_len
+            self.scheduler.adopt(child)
+            children.append(child)
+        return children
 
     # -- module assembly (see engine/assembly.py) -----------------------------------------------------
     def _module_slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
@@ -683,17 +766,14 @@ class Engine:
         return request.prompt_len
 
     def _finish(self, request: Request, reason: str, new_token: int | None = None,
-                error: str | None = None) -> RequestUpdate:
-        """The one way a request ends: release its blocks, forget it, emit its last update."""
+                error: str | None = None, new_logprobs: tuple[TokenLogprob, ...] = ()) -> RequestUpdate:
+        """The one way a request (or one of its samples) ends: release its blocks, forget it, emit its last
+        update. A sample of a group whose other samples go on emits an update with finished=False."""
         self.scheduler.finish(request)
         request.finish_reason = reason
         request.error = error
         request.finish_time = time.perf_counter()
         del self._requests[request.request_id]
-        self._num_unfinished -= 1
-        self._unfinished_by_tenant[request.tenant] -= 1
-        if not self._unfinished_by_tenant[request.tenant]:
-            del self._unfinished_by_tenant[request.tenant]
         if reason == "error":
             self._num_errors += 1
         new_tokens = () if new_token is None else (new_token,)
@@ -702,12 +782,42 @@ class Engine:
         except Exception:  # a decoder that fails here must not keep the request alive
             log.exception("flushing the text of request %s failed", request.request_id)
         completion = self._completion(request)
+        text = request.stop_checker.take(final=True)
+        group = request.group
+        if group is not None:
+            group.live.pop(request.index, None)
+            group.done[request.index] = completion
+            if group.live:  # the others go on
+                update = RequestUpdate(group.request_id, new_tokens, text, False, None, index=request.index,
+                                       sample_finish_reason=reason, new_logprobs=new_logprobs)
+                self._emit(request, update)
+                return update
+            self._groups.pop(group.request_id, None)
+            completion = self._group_completion(group)
+        self._num_unfinished -= 1
+        self._unfinished_by_tenant[request.tenant] -= 1
+        if not self._unfinished_by_tenant[request.tenant]:
+            del self._unfinished_by_tenant[request.tenant]
         if not request.detach:
-            self._results[request.request_id] = completion
-        update = RequestUpdate(request.request_id, new_tokens, request.stop_checker.take(final=True), True, reason,
-                               usage=completion.usage, completion=completion)
+            self._results[completion.request_id] = completion
+        update = RequestUpdate(completion.request_id, new_tokens, text, True, completion.finish_reason,
+                               usage=completion.usage, completion=completion, index=request.index,
+                               sample_finish_reason=reason, new_logprobs=new_logprobs)
         self._emit(request, update)
         return update
+
+    @staticmethod
+    def _group_completion(group: SampleGroup) -> Completion:
+        """The completion of all samples: sample 0's fields, every sample in choices, and usage counting the
+        prompt once (sample 0's reuse and writes) and every sample's output tokens."""
+        samples = tuple(group.done[i] for i in sorted(group.done))
+        first = samples[0]
+        usage = _replace(first.usage, completion_tokens=sum(c.usage.completion_tokens for c in samples))
+        reasons = {c.finish_reason for c in samples}
+        reason = next((r for r in ("error", "abort") if r in reasons), first.finish_reason)
+        error = next((c.error for c in samples if c.error), None)
+        return _replace(first, request_id=group.request_id, usage=usage, choices=samples, finish_reason=reason,
+                        error=error)
 
     @staticmethod
     def _emit(request: Request, update: RequestUpdate) -> None:
@@ -734,12 +844,14 @@ class Engine:
             namespace=request.namespace,
             tenant=request.tenant,
             error=request.error,
+            logprobs=tuple(request.sampler.logprobs) if request.sampling.logprobs is not None else None,
+            index=request.index,
         )
 
     def completion(self, request_id: str) -> Completion:
         """The result of a finished request (forgets it). Not for detached requests."""
         with self._lock:
-            if request_id in self._requests:
+            if request_id in self._requests or request_id in self._groups:
                 raise InvalidRequestError(f"request {request_id!r} has not finished")
             try:
                 return self._results.pop(request_id)
@@ -750,6 +862,9 @@ class Engine:
         """Usage of a request so far (cached tokens are known once it is admitted)."""
         with self._lock:
             request = self._requests.get(request_id)
+            group = self._groups.get(request_id)
+            if request is None and group is not None:
+                return group.done[0].usage if 0 in group.done else self._usage(next(iter(group.live.values())))
             if request is None:
                 return self._results[request_id].usage
             return self._usage(request)
@@ -776,7 +891,7 @@ class Engine:
             if not self.run_step().num_scheduled:
                 self.wait_for_work(0.01)  # e.g. a request whose prefix is loading from a tier
             with self._lock:
-                pending = {r for r in pending if r in self._requests}
+                pending = {r for r in pending if r in self._requests or r in self._groups}
         return [self.completion(r) for r in request_ids]
 
     def generate(self, prompt: Prompt, *, namespace: str = DEFAULT_NAMESPACE,

@@ -12,8 +12,9 @@ import torch
 from promptstash.cache.manager import ProtectResult
 from promptstash.cache.modules import ModuleRepair, ModuleSpan
 from promptstash.engine.assembly import Assembly
-from promptstash.engine.results import RequestUpdate
-from promptstash.engine.sampling import SamplingParams
+from promptstash.engine.grammar import Constraint
+from promptstash.engine.results import Completion, RequestUpdate
+from promptstash.engine.sampling import SamplerState, SamplingParams
 
 __all__ = ["Request", "RequestStatus", "RequestUpdate", "StopChecker"]
 
@@ -72,6 +73,21 @@ class StopChecker:
 
 
 @dataclass(eq=False)
+class SampleGroup:
+    """The n samples of one prompt (SamplingParams.n > 1). Sample 0 is the request that computes the prompt;
+    when its prompt is done the others fork from it (sharing its blocks) and each decodes on its own. The
+    group counts as one unfinished request and finishes when its last sample does.
+
+    NOTE: the group's id is sample 0's request id; sample i > 0 has id f"{group id}#{i}"."""
+
+    request_id: str
+    n: int
+    live: dict[int, Request] = field(default_factory=dict)  # index -> unfinished sample
+    done: dict[int, Completion] = field(default_factory=dict)  # index -> finished sample's completion
+    forked: bool = False
+
+
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -105,9 +121,14 @@ class Request:
     cache_write: ProtectResult | None = None  # what protecting the breakpoints did, once the prompt is computed
     assembly: Assembly | None = None  # module assembly in progress (reset when preempted)
     module_usage: tuple[int, int, int, int] | None = None  # (modules, hits, reused, recomputed) once assembled
+    constraint: Constraint | None = None  # the grammar this sequence's output must follow (engine/grammar.py)
+    sampler: SamplerState = field(init=False)  # penalties' token counts, logprobs
+    index: int = 0  # which sample of its prompt (SamplingParams.n)
+    group: SampleGroup | None = None  # n > 1: the samples of one prompt
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.sampler = SamplerState(self.sampling, self.prompt_token_ids)
 
     @property
     def prompt_len(self) -> int:

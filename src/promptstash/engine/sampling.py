@@ -7,11 +7,14 @@ NOTE: a temperature below MIN_TEMPERATURE samples greedily. Dividing logits by a
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from promptstash.engine.grammar import GrammarSpec
+from promptstash.engine.results import TokenLogprob
 from promptstash.errors import InvalidRequestError
 
 MIN_TEMPERATURE = 1e-5
@@ -83,8 +86,75 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return gen
 
 
+class SamplerState:
+    """What one sequence's sampler needs beyond its params: the tokens it has seen (penalties) and the log-
+    probabilities it reports. Order of processing, as in vLLM: penalties, logit_bias, the grammar's mask,
+    then temperature, min_p, top_k, top_p.
+
+    NOTE: logprobs are of the raw logits (the model's own distribution), before any processing."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        self.params = params
+        self._prompt_ids = prompt_ids if params.repetition_penalty != 1.0 else ()
+        self._prompt_unique: torch.Tensor | None = None
+        self.counts: Counter[int] = Counter()  # output token -> occurrences
+        self.logprobs: list[TokenLogprob] = []
+
+    def fork(self) -> SamplerState:
+        child = SamplerState(self.params, self._prompt_ids)
+        child._prompt_unique = self._prompt_unique
+        child.counts = Counter(self.counts)
+        child.logprobs = list(self.logprobs)
+        return child
+
+    def note(self, token_id: int) -> None:
+        self.counts[token_id] += 1
+
+    def process(self, logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Penalties, bias and the grammar mask applied to one row of float32 logits [V] (a new tensor when
+        anything changes)."""
+        params = self.params
+        if not params.processes_logits and allowed is None:
+            return logits
+        logits = logits.clone()
+        device = logits.device
+        if self.counts and (params.presence_penalty or params.frequency_penalty):
+            ids = torch.tensor(list(self.counts), device=device)
+            counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=device)
+            logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+        if params.repetition_penalty != 1.0:
+            if self._prompt_unique is None:
+                self._prompt_unique = torch.unique(torch.tensor(list(self._prompt_ids), dtype=torch.long))
+            ids = self._prompt_unique.to(device)
+            if self.counts:
+                ids = torch.unique(torch.cat([ids, torch.tensor(list(self.counts), device=device)]))
+            ids = ids[ids < logits.shape[-1]]
+            seen = logits[ids]
+            logits[ids] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        if params.logit_bias:
+            vocab = logits.shape[-1]
+            for token_id, bias in params.logit_bias:
+                if 0 <= token_id < vocab:
+                    logits[token_id] += bias
+        if allowed is not None:
+            logits.masked_fill_(~allowed, float("-inf"))
+        return logits
+
+    def record_logprobs(self, raw_logits: torch.Tensor, token_id: int) -> TokenLogprob:
+        """Note the chosen token's log-probability (and the top k) under the raw logits."""
+        logprobs = torch.log_softmax(raw_logits.float(), dim=-1)
+        k = self.params.logprobs or 0
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            values, ids = torch.topk(logprobs, k)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        entry = TokenLogprob(token_id, float(logprobs[token_id]), top)
+        self.logprobs.append(entry)
+        return entry
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from one row of float32 logits [V]."""
+    """Pick the next token from one row of float32 logits [V] (already processed: see SamplerState)."""
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / float(params.temperature)
@@ -92,10 +162,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest set whose mass reaches top_p (always at least the top token)
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        mass = params.top_p * float(sorted_probs.sum()) if params.min_p > 0.0 else params.top_p
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= mass
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])

@@ -67,6 +67,11 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
+    def adopt(self, request: Request) -> None:
+        """Run a request whose K/V are already in place (a forked sample: cache.fork opened its sequence)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
