@@ -74,7 +74,10 @@ PATH_IDS = {"/v1/cache/requests/{request_id}/miss", "/v1/modules/{module_id}"}
 REGISTERED_MODULE = "fuzz-doc"
 MODULE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")  # the documented id pattern
 # A schema-valid request may still get a 400 for a rule JSON Schema cannot state; these are the messages.
-CROSS_FIELD_RULES = ("context window", "cache_control", "longer TTLs must come first")
+# 400s for rules JSON Schema cannot state (cross-field rules, and schemas the grammar library cannot compile)
+CROSS_FIELD_RULES = ("context window", "cache_control", "longer TTLs must come first", "no tool named",
+                     "matches no tool call", "prompt_cache_breakpoint", "at most one output constraint",
+                     "cannot be compiled into a grammar", "needs tools")
 STREAM_END = {"/v1/chat/completions": b"data: [DONE]", "/v1/completions": b"data: [DONE]",
               "/v1/messages": b"event: message_stop"}
 
