@@ -1010,6 +1010,9 @@ def _sampling(options: dict[str, Any]) -> SamplingParams:
         options = {**options, "stop": (stop,)}
     elif stop is not None:
         options = {**options, "stop": tuple(stop)}
+    bias = options.get("logit_bias")
+    if isinstance(bias, dict):
+        options = {**options, "logit_bias": tuple((int(t), float(b)) for t, b in bias.items())}
     if options.get("stop_token_ids") is not None:
         options = {**options, "stop_token_ids": tuple(options["stop_token_ids"])}
     try:

@@ -6,6 +6,7 @@ rendered with jinja2 the way transformers renders it, so prompts match it string
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -53,6 +54,21 @@ def _tojson(
     is followed by its marker."""
     text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     return text + value.marker if isinstance(value, MarkedJSON) else text
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character that spells each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def _strftime_now(format: str) -> str:
@@ -266,6 +282,31 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """Id of the exact token string ``token`` (e.g. ``"<|im_end|>"``), or None if it is not in the vocabulary."""
         return self._tokenizer.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI logprobs' `bytes`): exact even for a token that is part of a
+        multi-byte character. Byte-level BPE spells bytes as the GPT-2 byte-to-character table; metaspace
+        vocabularies spell a space as U+2581 and raw bytes as <0xNN>; added tokens are their text."""
+        piece = self._tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode()
+        if self._byte_level:
+            table = _byte_decoder()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._tokenizer.get_added_tokens_decoder())
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        return '"ByteLevel"' in self._tokenizer.to_str()
 
     def incremental_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         """A decoder that turns a stream of generated ids into text pieces; see IncrementalDecoder."""
