@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from promptstash.config import ServerConfig
 from promptstash.engine.engine import Engine
-from promptstash.server import anthropic_api, modules_api, openai_api, tokens_api
+from promptstash.server import anthropic_api, modules_api, openai_api, responses_api, tokens_api, web
 from promptstash.server.dashboard import DASHBOARD_HTML
 from promptstash.server.errors import APIError, error_response
 from promptstash.server.loop import EngineLoop
@@ -99,6 +99,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.promptstash = state
+    web.install_cors(app, config.cors_allow_origins)
     app.openapi = lambda: build_openapi(app)  # adds the model routes' bodies, status codes and keys (openapi.py)
 
     @app.exception_handler(ClientDisconnect)
@@ -129,9 +130,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         state.tenant(request)
-        entry = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "promptstash",
-                 "max_model_len": engine.max_model_len}
-        return {"object": "list", "data": [entry]}
+        return {"object": "list", "data": [web.model_object(state, state.model_name)],
+                "has_more": False, "first_id": state.model_name, "last_id": state.model_name}  # Anthropic's list
 
     def scope(request: Request) -> str | None:
         """Whose figures the caller may see: its tenant, or None (all) for an admin or the local tenant."""
@@ -179,4 +179,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     anthropic_api.register(app, state)
     modules_api.register(app, state)
     tokens_api.register(app, state)
+    web.register(app, state)
+    responses_api.register(app, state)
     return app

@@ -1,0 +1,293 @@
+"""POST /v1/responses, GET / DELETE /v1/responses/{id} on a live server (tiny random-weight chat model), through
+the official openai SDK: string and item input, instructions, function tools and function_call_output
+follow-ups, text.format json_schema, the streaming event sequence (raw and the SDK's stream helper), stored
+conversations with previous_response_id hitting the prefix cache, tenant isolation and bad input."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+from server_helpers import FakeClock, LiveServer, tiny_chat_engine
+
+from promptstash.config import ServerConfig
+from promptstash.prompts import ChatMessage, TextBlock
+from promptstash.server.response_store import ResponseStore
+from promptstash.tools import ToolCall
+
+MODEL = "tiny-chat"
+INSTRUCTIONS = "You are a terse assistant for ACME. " * 12  # several 16-token blocks: a cacheable prefix
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                           "unit": {"type": "string", "enum": ["c", "f"]}},
+                          "required": ["city", "unit"], "additionalProperties": False},
+           "strict": True}
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12},
+                                                  "score": {"type": "integer"}},
+                 "required": ["answer", "score"], "additionalProperties": False}
+KEYS = {"key-alpha": "alpha", "key-beta": "beta"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LiveServer(tiny_chat_engine(tmp_path_factory.mktemp("responses"))) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _messages(*pairs: tuple[str, str]) -> list[ChatMessage]:
+    return [ChatMessage(role, (TextBlock(text),)) for role, text in pairs]
+
+
+def _create(client: openai.OpenAI, **kwargs: Any):
+    kwargs.setdefault("max_output_tokens", 8)
+    kwargs.setdefault("temperature", 0)
+    return client.responses.create(model=MODEL, **kwargs)
+
+
+def test_string_input_gives_the_engines_own_greedy_output_and_usage(server, client) -> None:
+    r = _create(client, input="Say hello.", store=False)
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == MODEL
+    assert r.status in ("completed", "incomplete")
+    assert r.output[0].type == "message" and r.output[0].role == "assistant" and r.output[0].id.startswith("msg_")
+    assert r.output[0].content[0].type == "output_text" and r.output[0].content[0].annotations == []
+    prompt = server.engine.render(_messages(("user", "Say hello."))).token_ids
+    ref = server.engine.generate(prompt, max_tokens=8)
+    assert r.output_text == ref.text
+    assert r.usage.input_tokens == len(prompt) and r.usage.output_tokens == len(ref.token_ids)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.usage.output_tokens_details.reasoning_tokens == 0
+    if ref.finish_reason == "length":
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.store is False and r.tools == [] and r.tool_choice == "none" and r.parallel_tool_calls is True
+    assert r.text.format.type == "text" and r.temperature == 0
+
+
+def test_items_and_instructions_render_as_the_chat_template_does(server, client) -> None:
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Question one?"}]},
+             {"type": "message", "role": "assistant", "id": "msg_x", "status": "completed",
+              "content": [{"type": "output_text", "text": "Answer one.", "annotations": []}]},
+             {"role": "developer", "content": "Prefer short answers."},
+             {"type": "message", "role": "user", "content": "Question two?"}]
+    r = _create(client, input=items, instructions="Be brief.")
+    expected = _messages(("system", "Be brief."), ("user", "Question one?"), ("assistant", "Answer one."),
+                         ("system", "Prefer short answers."), ("user", "Question two?"))
+    prompt = server.engine.render(expected).token_ids
+    assert r.usage.input_tokens == len(prompt)
+    assert r.output_text == server.engine.generate(prompt, max_tokens=8).text
+    assert r.instructions == "Be brief."
+
+
+def test_previous_response_id_renders_the_stored_conversation_and_hits_the_cache(server, client) -> None:
+    first = _create(client, input="What is ACME?", instructions=INSTRUCTIONS)
+    second = _create(client, input="And its motto?", instructions=INSTRUCTIONS, previous_response_id=first.id)
+    expected = _messages(("system", INSTRUCTIONS), ("user", "What is ACME?"), ("assistant", first.output_text),
+                         ("user", "And its motto?"))
+    assert second.usage.input_tokens == len(server.engine.render(expected).token_ids)
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 16 > 0
+    # a third turn extends the second
+    third = _create(client, input="Thanks.", instructions=INSTRUCTIONS, previous_response_id=second.id)
+    assert third.usage.input_tokens_details.cached_tokens >= second.usage.input_tokens - 16
+
+
+def test_retrieve_and_delete(client) -> None:
+    r = _create(client, input="Remember me.", metadata={"run": "7"})
+    got = client.responses.retrieve(r.id)
+    assert got.model_dump() == r.model_dump() and got.metadata == {"run": "7"}
+    deleted = client.responses.with_raw_response.delete(r.id)
+    assert deleted.status_code == 200 and deleted.http_response.json() == {"id": r.id, "object": "response",
+                                                                          "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError) as err:
+        _create(client, input="again", previous_response_id=r.id)
+    assert err.value.body["param"] == "previous_response_id"
+    unstored = _create(client, input="Forget me.", store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def _event_types(events: list[Any]) -> list[str]:
+    return [e.type for e in events]
+
+
+def test_stream_event_sequence_matches_the_unstreamed_response(client) -> None:
+    plain = _create(client, input="Stream this.", store=False)
+    events = list(_create(client, input="Stream this.", stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    types = _event_types(events)
+    final = "response.completed" if plain.status == "completed" else "response.incomplete"
+    num_deltas = types.count("response.output_text.delta")
+    assert types == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", *["response.output_text.delta"] * num_deltas,
+                     "response.output_text.done", "response.content_part.done", "response.output_item.done", final]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == plain.output_text == events[-4].text
+    done = events[-1].response
+    assert done.output_text == plain.output_text and done.status == plain.status
+    assert done.usage.input_tokens == plain.usage.input_tokens
+    assert events[0].response.status == "in_progress" and events[0].response.id == done.id
+
+
+class Verdict(BaseModel):
+    ok: bool
+
+
+def test_sdk_stream_helper_and_parse_with_a_pydantic_text_format(client) -> None:
+    """The SDK's helpers: responses.stream() accumulates the events into the final response, and text_format=
+    (a pydantic model, sent as a strict json_schema) parses output_text into it."""
+    kwargs = {"model": MODEL, "input": "Is it ok?", "max_output_tokens": 128, "temperature": 0,
+              "text_format": Verdict}
+    with client.responses.stream(**kwargs) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text == "".join(deltas)
+    assert isinstance(final.output_parsed, Verdict)
+    parsed = client.responses.parse(**kwargs)
+    assert parsed.output_parsed == final.output_parsed and parsed.output_text == final.output_text
+
+
+def test_function_tool_required_gives_a_call_whose_arguments_fit_the_schema(server, client) -> None:
+    r = _create(client, input="Weather in Paris?", tools=[WEATHER], tool_choice="required", max_output_tokens=64)
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and calls[0].call_id and calls[0].id.startswith("fc_")
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
+    assert r.tool_choice == "required" and r.tools[0].name == "get_weather"
+    # the tool's result, as a follow-up: only the new item is sent, and the earlier prompt is reused
+    follow = _create(client, previous_response_id=r.id, tools=[WEATHER], tool_choice="none",
+                     input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "21 C, sunny"}])
+    assert follow.usage.input_tokens_details.cached_tokens > 0
+    assert all(item.type == "message" for item in follow.output)
+    # the same conversation sent as items, without previous_response_id
+    items = [{"role": "user", "content": "Weather in Paris?"},
+             {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather",
+              "arguments": calls[0].arguments},
+             {"type": "function_call_output", "call_id": calls[0].call_id, "output": "21 C, sunny"}]
+    again = _create(client, input=items, tools=[WEATHER], tool_choice="none")
+    assert again.usage.input_tokens > 0
+
+
+def test_named_tool_choice_and_streamed_call(client) -> None:
+    lookup = {"type": "function", "name": "lookup", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "maxLength": 8}}, "required": ["q"],
+        "additionalProperties": False}}
+    events = list(_create(client, input="Look it up.", tools=[WEATHER, lookup], stream=True,
+                          tool_choice={"type": "function", "name": "lookup"}, max_output_tokens=64))
+    types = _event_types(events)
+    assert "response.function_call_arguments.delta" in types and "response.function_call_arguments.done" in types
+    done = events[-1].response
+    calls = [item for item in done.output if item.type == "function_call"]
+    assert calls and all(c.name == "lookup" for c in calls)
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta"
+                   and e.item_id == calls[0].id)
+    assert args == calls[0].arguments
+    jsonschema.validate(json.loads(args), lookup["parameters"])
+
+
+def test_text_format_json_schema_output_parses(client) -> None:
+    r = _create(client, input="Rate this.", max_output_tokens=64,
+                text={"format": {"type": "json_schema", "name": "rating", "schema": ANSWER_SCHEMA, "strict": True}})
+    if r.status == "completed":
+        jsonschema.validate(json.loads(r.output_text), ANSWER_SCHEMA)
+    assert r.text.format.type == "json_schema" and r.text.format.name == "rating"
+
+
+BAD = [
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"input": "x", "tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name"),
+    ({"input": "x", "tools": [WEATHER, WEATHER]}, "tools[1].name"),
+    ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "tool_choice": {"type": "web_search_preview"}}, "tool_choice.type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
+     "input[0].content[0].type"),
+    ({"input": [{"type": "function_call_output", "call_id": "call_zz", "output": "1"}]}, "input[0].call_id"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]}, "input[0].arguments"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+    ({"input": []}, "input"),
+    ({"input": 3}, "input"),
+    ({}, "input"),
+    ({"input": "x", "reasoning": {"effort": "low", "summary": "auto"}}, "reasoning.summary"),
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "truncation": "auto"}, "truncation"),
+    ({"input": "x", "include": ["message.output_text.logprobs"]}, "include[0]"),
+    ({"input": "x", "top_logprobs": 3}, "top_logprobs"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s"}}}, "text.format.schema"),
+    ({"input": "x", "text": {"format": {"type": "grammar"}}}, "text.format.type"),
+    ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity"),
+    ({"input": "x", "metadata": {"k": 1}}, "metadata.k"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "temperature": 3}, "temperature"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation"),
+    ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("extra,param", BAD, ids=[p for _, p in BAD])
+def test_bad_input_is_a_400_naming_the_field(server, extra, param) -> None:
+    response = httpx.post(server.url + "/v1/responses", json={"model": MODEL, **extra}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert param.split("[")[0].split(".")[0] in error["message"]
+
+
+def test_unknown_model_and_unknown_ids_are_404s(server) -> None:
+    response = httpx.post(server.url + "/v1/responses", json={"model": "gpt-9", "input": "x"}, timeout=30)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    for method in ("GET", "DELETE"):
+        response = httpx.request(method, server.url + "/v1/responses/resp_nope", timeout=30)
+        assert response.status_code == 404 and "not found" in response.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    with LiveServer(tiny_chat_engine(tmp_path_factory.mktemp("responses-keys")), ServerConfig(api_keys=KEYS)) as srv:
+        yield srv
+
+
+def test_tenants_never_see_each_others_responses(keyed) -> None:
+    alpha = openai.OpenAI(base_url=keyed.url + "/v1", api_key="key-alpha", max_retries=0, timeout=60)
+    beta = openai.OpenAI(base_url=keyed.url + "/v1", api_key="key-beta", max_retries=0, timeout=60)
+    secret = "alpha's secret plan " * 8
+    r = _create(alpha, input=secret)
+    for attempt in (lambda: beta.responses.retrieve(r.id), lambda: beta.responses.delete(r.id),
+                    lambda: _create(beta, input="go on", previous_response_id=r.id)):
+        with pytest.raises(openai.NotFoundError) as err:
+            attempt()
+        assert "secret" not in json.dumps(err.value.body)
+    assert alpha.responses.retrieve(r.id).id == r.id  # still there for its owner
+    follow = _create(alpha, input="go on", previous_response_id=r.id)
+    assert follow.usage.input_tokens_details.cached_tokens > 0
+    again = _create(beta, input=secret)  # the same prompt in another tenant: no reuse across tenants
+    assert again.usage.input_tokens_details.cached_tokens == 0
+    assert httpx.post(keyed.url + "/v1/responses", json={"model": MODEL, "input": "x"}, timeout=30).status_code == 401
+
+
+def test_store_is_bounded_in_count_and_age() -> None:
+    clock = FakeClock()
+    store = ResponseStore(max_entries=3, max_age_s=60, clock=clock)
+    history = (ChatMessage("assistant", (TextBlock(""),), tool_calls=(ToolCall("call_1", "f", "{}"),)),)
+    for i in range(4):
+        store.put("t", f"resp_{i}", {"id": f"resp_{i}"}, history)
+        clock.advance(10)
+    assert store.get("t", "resp_0") is None and len(store) == 3  # the oldest went first
+    assert store.get("u", "resp_1") is None and not store.delete("u", "resp_1")  # another tenant: unknown
+    assert store.get("t", "resp_1").messages == history
+    clock.advance(31)  # resp_1 is now 61 s old; resp_2 51 s
+    assert store.get("t", "resp_1") is None and store.get("t", "resp_2") is not None
+    clock.advance(100)
+    assert len(store) == 0
