@@ -2,35 +2,59 @@
 
 CONTRACT
 - GrammarSpec says what is wanted (a JSON schema, any JSON object, a regex, one of fixed strings, tool calls);
-  its `key` (a hash of the canonical spec) names its compiled grammar in the cache.
-- compile_grammar(spec, tokenizer, vocab_size) -> CompiledGrammar, cached by key; raises InvalidRequestError
-  naming what could not be compiled (an invalid schema, a feature the grammar library does not support).
+  its `key` (a hash of the canonical spec) names its compiled grammar in the cache. Schemas keep their key
+  order: JSON output follows the declared property order, so it is part of the spec.
+- compile_grammar(spec, tokenizer, vocab_size) -> CompiledGrammar, cached by key (a bounded LRU per tokenizer
+  object); raises InvalidRequestError naming what could not be compiled and why (an invalid schema, a schema
+  no value satisfies, a feature the grammar library does not support, a bad regex, an unknown tool).
 - CompiledGrammar.constraint() -> a fresh Constraint for one generated sequence.
 - Constraint, used by the engine at each decode step of one sequence:
-    allowed() -> bool tensor [vocab_size] of tokens allowed next, or None when any token is (free text)
-    accept(token_id)  -- advance past the sampled token (it was allowed)
-    finished          -- True once the output is complete: the engine ends generation ("stop")
+    allowed() -> bool tensor [vocab_size] (CPU, a new tensor each call) of tokens allowed next, or None when
+                 any token is (free text); ids the tokenizer does not know are never allowed; EOS ids are
+                 allowed exactly when the output so far is complete
+    accept(token_id)  -- advance past the sampled token; GrammarViolation if the grammar does not allow it
+    finished          -- True once nothing but EOS can follow: the engine ends generation ("stop")
     fork()            -- an independent copy in the same state (n > 1 samples share a prompt)
+
+Implemented with llguidance (Earley parser + lazy lexer over the token trie; ~20-40 us per mask for the
+JSON schemas of bench grammar). JSON whitespace is bounded (at most 48 whitespace characters between two
+tokens of JSON), so a small model cannot loop on newlines inside a structured output.
+
+Tool calls use the Hermes / Qwen2.5 format (promptstash.tools):
+    <tool_call>\\n{"name": "<name>", "arguments": <JSON for that tool's parameters>}\\n</tool_call>
+mode required / named: one call (several, separated by "\\n", when parallel), then EOS. mode auto: free text,
+until the model starts a call; from there the call must be well formed and only further calls (if parallel)
+or EOS may follow. When `<tool_call>` is one token (Qwen2.5), auto mode is unconstrained (allowed() None)
+until that token is sampled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import llguidance
+import numpy as np
 import torch
+
+from promptstash.errors import InvalidRequestError
+from promptstash.tools import CALL_END, CALL_START
 
 GRAMMAR_KINDS = ("json_schema", "regex", "choice", "tool_calls")
 TOOL_MODES = ("auto", "required", "named")
+CACHE_SIZE = 256  # compiled grammars kept per tokenizer
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
     kind: str  # one of GRAMMAR_KINDS
-    source: str  # canonical JSON of the schema ("" = any JSON object) / the regex / JSON list of choices /
-    #              for tool_calls: canonical JSON list of {"name", "parameters"}
+    source: str  # JSON of the schema, key order kept ("" = any JSON object) / the regex / JSON list of choices /
+    #              for tool_calls: JSON list of {"name", "parameters"}
     tool_mode: str = "auto"  # tool_calls: auto (text or calls) | required (at least one call) | named
     tool_name: str | None = None  # tool_calls, mode "named": the one function to call
     parallel: bool = True  # tool_calls: more than one call allowed
@@ -43,7 +67,7 @@ class GrammarSpec:
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | None) -> GrammarSpec:
         """A JSON value matching `schema`; None: any JSON object (OpenAI json_object)."""
-        return cls("json_schema", "" if schema is None else json.dumps(schema, sort_keys=True))
+        return cls("json_schema", "" if schema is None else _canonical(schema))
 
     @classmethod
     def regex(cls, pattern: str) -> GrammarSpec:
@@ -57,8 +81,12 @@ class GrammarSpec:
     def tool_calls(cls, tools: list[Any], mode: str = "auto", name: str | None = None,
                    parallel: bool = True) -> GrammarSpec:
         """tools: ToolDefs (promptstash.tools)."""
-        source = json.dumps([{"name": t.name, "parameters": t.parameters} for t in tools], sort_keys=True)
+        source = _canonical([{"name": t.name, "parameters": t.parameters} for t in tools])
         return cls("tool_calls", source, mode, name, parallel)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 class Constraint(Protocol):
@@ -75,5 +103,306 @@ class CompiledGrammar(Protocol):
     def constraint(self) -> Constraint: ...
 
 
+class GrammarViolation(RuntimeError):
+    """A token the grammar does not allow was accepted (the sampler did not apply the mask)."""
+
+
+_JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,48}"}
+_UNSUPPORTED = ("Unimplemented key", "Unknown format", "not supported", "nsupported")
+
+
+@dataclass(frozen=True)
+class _Vocab:
+    """llguidance's view of one tokenizer."""
+
+    lltok: llguidance.LLTokenizer
+    known: int  # ids the tokenizer knows (added tokens included); llguidance pads above them: never allowed
+    words: int  # int32 words of llguidance's bitmask
+    call_start: int | None  # id of "<tool_call>" when it is one token
+    call_end: int | None  # id of "</tool_call>" when it is one token
+
+
+class _Compiled:
+    """A grammar compiled for one tokenizer and model vocabulary size."""
+
+    def __init__(self, spec: GrammarSpec, vocab: _Vocab, vocab_size: int, matcher: llguidance.LLMatcher,
+                 trigger: int | None = None) -> None:
+        self.spec = spec
+        self.vocab = vocab
+        self.vocab_size = vocab_size
+        self._matcher = matcher  # never advanced: each constraint starts from a copy
+        self.trigger = trigger  # auto tool mode: free text until this token, then the matcher
+
+    def constraint(self) -> Constraint:
+        if self.trigger is not None:
+            return _TriggeredConstraint(self, None)
+        return self.matcher_constraint()
+
+    def matcher_constraint(self) -> _MatcherConstraint:
+        return _MatcherConstraint(self, self._matcher.deep_copy())
+
+
+class _MatcherConstraint:
+    """One sequence's llguidance matcher and its mask buffer."""
+
+    __slots__ = ("_grammar", "_matcher", "_words")
+
+    def __init__(self, grammar: _Compiled, matcher: llguidance.LLMatcher) -> None:
+        self._grammar = grammar
+        self._matcher = matcher
+        self._words = np.zeros(grammar.vocab.words, dtype=np.int32)
+
+    def allowed(self) -> torch.Tensor:
+        words = self._words
+        self._matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        if self._matcher.is_error():
+            raise GrammarViolation(f"grammar matcher failed: {_reason(self._matcher.get_error())}")
+        size, known = self._grammar.vocab_size, self._grammar.vocab.known
+        bits = np.unpackbits(words.view(np.uint8), count=size, bitorder="little")
+        if known < size:
+            bits[known:] = 0
+        return torch.from_numpy(bits.view(np.bool_))
+
+    def accept(self, token_id: int) -> None:
+        if not self._matcher.consume_token(token_id):
+            raise GrammarViolation(f"token {token_id} is not allowed by the grammar: "
+                                   f"{_reason(self._matcher.get_error())}")
+
+    @property
+    def finished(self) -> bool:
+        return self._matcher.is_stopped()
+
+    def fork(self) -> _MatcherConstraint:
+        return _MatcherConstraint(self._grammar, self._matcher.deep_copy())
+
+
+class _TriggeredConstraint:
+    """Auto tool mode with a one-token `<tool_call>`: unconstrained until it is sampled, then a call matcher."""
+
+    __slots__ = ("_grammar", "_inner")
+
+    def __init__(self, grammar: _Compiled, inner: _MatcherConstraint | None) -> None:
+        self._grammar = grammar
+        self._inner = inner
+
+    def allowed(self) -> torch.Tensor | None:
+        return None if self._inner is None else self._inner.allowed()
+
+    def accept(self, token_id: int) -> None:
+        if self._inner is not None:
+            self._inner.accept(token_id)
+        elif token_id == self._grammar.trigger:
+            self._inner = self._grammar.matcher_constraint()
+
+    @property
+    def finished(self) -> bool:
+        return self._inner is not None and self._inner.finished
+
+    def fork(self) -> _TriggeredConstraint:
+        return _TriggeredConstraint(self._grammar, None if self._inner is None else self._inner.fork())
+
+
+class _TokenizerGrammars:
+    """The llguidance tokenizer of one tokenizer object and its compiled grammars (LRU by spec key)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = weakref.ref(tokenizer)
+        self.lock = threading.Lock()
+        self.compiled: OrderedDict[tuple[str, int], _Compiled] = OrderedDict()
+        self._vocab: _Vocab | None = None
+        self._vocab_lock = threading.Lock()
+
+    def vocab(self) -> _Vocab:
+        with self._vocab_lock:
+            if self._vocab is None:
+                tokenizer = self._tokenizer()
+                assert tokenizer is not None  # the caller holds it
+                self._vocab = _build_vocab(tokenizer)
+            return self._vocab
+
+
+_REGISTRY: weakref.WeakKeyDictionary[Any, _TokenizerGrammars] = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _grammars_of(tokenizer: Any) -> _TokenizerGrammars:
+    with _REGISTRY_LOCK:
+        holder = _REGISTRY.get(tokenizer)
+        if holder is None:
+            holder = _REGISTRY[tokenizer] = _TokenizerGrammars(tokenizer)
+        return holder
+
+
 def compile_grammar(spec: GrammarSpec, tokenizer: Any, vocab_size: int) -> CompiledGrammar:
-    raise NotImplementedError  # implemented with llguidance
+    """The grammar of `spec` for `tokenizer` (a promptstash Tokenizer) and a model with `vocab_size` output
+    rows; cached (CACHE_SIZE per tokenizer, least recently used dropped). The first call for a tokenizer
+    builds llguidance's token trie (about 1 s for a 150k vocabulary). InvalidRequestError when the spec
+    cannot be compiled."""
+    holder = _grammars_of(tokenizer)
+    key = (spec.key, vocab_size)
+    with holder.lock:
+        hit = holder.compiled.get(key)
+        if hit is not None:
+            holder.compiled.move_to_end(key)
+            return hit
+    compiled = _compile(spec, holder.vocab(), vocab_size)
+    with holder.lock:
+        holder.compiled[key] = compiled
+        while len(holder.compiled) > CACHE_SIZE:
+            holder.compiled.popitem(last=False)
+    return compiled
+
+
+def _tokenizer_json(tokenizer: Any) -> str:
+    """tokenizer.json text of a promptstash Tokenizer (wrapping a `tokenizers.Tokenizer`)."""
+    hf = getattr(tokenizer, "hf_tokenizer", None) or getattr(tokenizer, "_tokenizer", None) or tokenizer
+    return hf.to_str()
+
+
+def _single_token(tokenizer: Any, text: str) -> int | None:
+    token_id = tokenizer.token_to_id(text)
+    return token_id if token_id is not None and tokenizer.encode(text) == [token_id] else None
+
+
+def _build_vocab(tokenizer: Any) -> _Vocab:
+    eos = sorted(tokenizer.eos_token_ids)
+    try:
+        lltok = llguidance.LLTokenizer(_tokenizer_json(tokenizer), eos_token=eos or None)
+    except Exception as exc:  # the library raises plain ValueError / RuntimeError
+        raise InvalidRequestError(f"constrained decoding is not available for this tokenizer: {exc}") from exc
+    return _Vocab(lltok, min(tokenizer.vocab_size, lltok.vocab_size), (lltok.vocab_size + 31) // 32,
+                  _single_token(tokenizer, CALL_START), _single_token(tokenizer, CALL_END))
+
+
+def _reason(error: str) -> str:
+    """The library's error without its state dump, on one line."""
+    lines = [line.strip() for line in error.split("\n<state>")[0].splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    detail = next((line for line in lines[1:] if line.startswith("error:")), None)
+    text = lines[0] if detail is None else f"{lines[0]} {detail}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _schema_problem(what: str, error: str) -> InvalidRequestError:
+    reason = _reason(error)
+    if any(marker in reason for marker in _UNSUPPORTED):
+        kind = "it uses a JSON schema feature the grammar library (llguidance) does not support"
+    elif reason.startswith("Unsatisfiable"):
+        kind = "no JSON value satisfies it"
+    else:
+        kind = "invalid JSON schema"
+    return InvalidRequestError(f"{what} could not be compiled: {kind}: {reason}")
+
+
+def _with_options(schema: Any, what: str, top_type: str | None = None) -> dict[str, Any]:
+    """`schema` (a JSON schema object or boolean) with our JSON options; `top_type` added when it has none."""
+    if schema is True:
+        schema = {}
+    if schema is False:
+        raise InvalidRequestError(f"{what} could not be compiled: no JSON value satisfies it: the schema is false")
+    if not isinstance(schema, dict):
+        raise InvalidRequestError(f"{what} could not be compiled: invalid JSON schema: expected a JSON object, "
+                                  f"got {type(schema).__name__}")
+    schema = dict(schema)
+    if top_type is not None and "type" not in schema:
+        schema["type"] = top_type
+    schema["x-guidance"] = _JSON_OPTIONS
+    return schema
+
+
+def _matcher(vocab: _Vocab, grammar: str) -> tuple[llguidance.LLMatcher, str]:
+    matcher = llguidance.LLMatcher(vocab.lltok, grammar, log_level=0)
+    return matcher, matcher.get_error() if matcher.is_error() else ""
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _compile(spec: GrammarSpec, vocab: _Vocab, vocab_size: int) -> _Compiled:
+    if spec.kind == "json_schema":
+        schema = {"type": "object"} if spec.source == "" else _load(spec.source, "json_schema")
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(_with_options(schema, "json_schema"))
+        matcher, error = _matcher(vocab, grammar)
+        if error:
+            raise _schema_problem("json_schema", error)
+        return _Compiled(spec, vocab, vocab_size, matcher)
+    if spec.kind == "regex":
+        matcher, error = _matcher(vocab, llguidance.LLMatcher.grammar_from_regex(spec.source))
+        if error:
+            raise InvalidRequestError(f"regex could not be compiled: {_reason(error)}")
+        return _Compiled(spec, vocab, vocab_size, matcher)
+    if spec.kind == "choice":
+        choices = _load(spec.source, "choice")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise InvalidRequestError("choice must be a non-empty list of strings")
+        matcher, error = _matcher(vocab, "start: " + " | ".join(_literal(c) for c in choices))
+        if error:
+            raise InvalidRequestError(f"choice could not be compiled: {_reason(error)}")
+        return _Compiled(spec, vocab, vocab_size, matcher)
+    if spec.kind == "tool_calls":
+        return _compile_tools(spec, vocab, vocab_size)
+    raise InvalidRequestError(f"unknown grammar kind {spec.kind!r}; expected one of {', '.join(GRAMMAR_KINDS)}")
+
+
+def _load(source: str, what: str) -> Any:
+    try:
+        return json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{what} is not valid JSON: {exc}") from exc
+
+
+def _compile_tools(spec: GrammarSpec, vocab: _Vocab, vocab_size: int) -> _Compiled:
+    tools = _load(spec.source, "tools")
+    if not isinstance(tools, list) or not tools:
+        raise InvalidRequestError("tool calls need at least one tool")
+    if spec.tool_mode not in TOOL_MODES:
+        raise InvalidRequestError(f"unknown tool mode {spec.tool_mode!r}; expected one of {', '.join(TOOL_MODES)}")
+    if spec.tool_mode == "named":
+        names = [t.get("name") for t in tools if isinstance(t, dict)]
+        if spec.tool_name not in names:
+            raise InvalidRequestError(f"tool_choice names the function {spec.tool_name!r}, which is not among the "
+                                      f"tools ({', '.join(repr(n) for n in names)})")
+        tools = [t for t in tools if t.get("name") == spec.tool_name][:1]
+    rules = []
+    for index, tool in enumerate(tools):
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"tool {index} has no name")
+        what = f"parameters of tool {name!r}"
+        params = _with_options(tool.get("parameters", {"type": "object"}), what, top_type="object")
+        _, error = _matcher(vocab, llguidance.LLMatcher.grammar_from_json_schema(params))
+        if error:
+            raise _schema_problem(what, error)
+        head = '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+        rules.append(f"call_{index}: {_literal(head)} args_{index} \"}}\"\nargs_{index}: %json {json.dumps(params)}")
+    start = f"<[{vocab.call_start}]>" if vocab.call_start is not None else _literal(CALL_START)
+    end = f"<[{vocab.call_end}]>" if vocab.call_end is not None else _literal(CALL_END)
+    more = ' ("\\n" block)*' if spec.parallel else ""
+    lines = [
+        "call: " + " | ".join(f"call_{i}" for i in range(len(rules))),
+        f'block: {start} "\\n" call "\\n" {end}',
+        f'rest: "\\n" call "\\n" {end}{more}',
+        *rules,
+    ]
+    trigger = None
+    if spec.tool_mode != "auto":
+        lines.insert(0, f"start: block{more}")
+    elif vocab.call_start is not None:
+        lines.insert(0, "start: rest")  # the matcher starts right after the sampled <tool_call> token
+        trigger = vocab.call_start
+    else:
+        lines[:0] = [
+            "start: TEXT | head rest",
+            f"TEXT: /(?s:.*)/ & ~/(?s:.*){_regex_escape(CALL_START)}(?s:.*)/",
+            f"head[lazy]: /(?s:.*){_regex_escape(CALL_START)}/",
+        ]
+    matcher, error = _matcher(vocab, llguidance.LLMatcher.grammar_from_lark("\n".join(lines)))
+    if error:
+        raise InvalidRequestError(f"tool call grammar could not be compiled: {_reason(error)}")
+    return _Compiled(spec, vocab, vocab_size, matcher, trigger)
+
+
+def _regex_escape(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_<>" else "\\" + c for c in text)
