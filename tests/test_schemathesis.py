@@ -54,6 +54,7 @@ OPERATIONS = [
     ("POST", "/v1/messages/count_tokens"),
     ("GET", "/health"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
     ("GET", "/metrics"),
     ("GET", "/dashboard"),
     ("GET", "/v1/cache/stats"),
@@ -70,7 +71,7 @@ WITH_INPUT = {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/mes
               "POST /v1/messages/count_tokens", "GET /v1/cache/requests",
               "GET /v1/cache/prefixes", "POST /v1/modules"}
 # Any string is a valid path segment: a schema-valid id may name nothing (404), so most answers are 404s.
-PATH_IDS = {"/v1/cache/requests/{request_id}/miss", "/v1/modules/{module_id}"}
+PATH_IDS = {"/v1/cache/requests/{request_id}/miss", "/v1/modules/{module_id}", "/v1/models/{model_id}"}
 REGISTERED_MODULE = "fuzz-doc"
 MODULE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")  # the documented id pattern
 # A schema-valid request may still get a 400 for a rule JSON Schema cannot state; these are the messages.

@@ -101,6 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         min_cacheable_tokens=args.min_cacheable_tokens, max_queued_requests=args.max_queued_requests,
         tenant_max_queued=args.tenant_max_queued, stream_idle_timeout_s=args.stream_idle_timeout,
         prices=PriceSheet(input_per_mtok=args.price_input, output_per_mtok=args.price_output),
+        cors_allow_origins=tuple(o.strip() for entry in args.cors_allow_origin or () for o in entry.split(",")
+                                 if o.strip()),
     )
     print(f"promptstash: loading {args.model or 'the default model (Qwen2.5-Coder-0.5B-Instruct)'} ...",
           file=sys.stderr, flush=True)
@@ -231,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-num-seqs", type=int, default=16, help="requests computed together")
     s.add_argument("--price-input", type=float, default=3.0, help="$ per million input tokens (cost estimates)")
     s.add_argument("--price-output", type=float, default=15.0, help="$ per million output tokens")
+    s.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
+                   help="let web pages from this origin call the API (repeatable or comma-separated; '*' = any, "
+                        "e.g. http://localhost:3000); default: no CORS")
     s.add_argument("--log-level", default="warning")
     s.add_argument("--cache-dir", default=str(Path("~/.cache/promptstash/kv").expanduser()),
                    help="disk tier: KV blocks kept beyond memory and across restarts")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -123,6 +124,9 @@ class PriceSheet:
     openai_read: float = 0.5  # OpenAI-style: cached input tokens at a 50% discount
 
 
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")  # a browser's Origin header: scheme://host[:port]
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -139,6 +143,8 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     default_max_tokens: int = 1024  # OpenAI routes, when the request gives none
     prices: PriceSheet = PriceSheet()
+    # browser origins allowed to call the API (CORS); "*" = any; empty = no CORS headers, preflights get 405
+    cors_allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("min_cacheable_tokens", "max_queued_requests", "max_body_bytes", "default_max_tokens",
@@ -162,3 +168,9 @@ class ServerConfig:
             raise InvalidRequestError("an admin key is listed twice, or is also a tenant's API key")
         if self.metrics_key is not None and self.metrics_key in tenant_keys | set(self.admin_keys):
             raise InvalidRequestError("the metrics key must differ from every tenant and admin key")
+        origins = tuple(o.strip().rstrip("/").lower() if isinstance(o, str) else o for o in self.cors_allow_origins)
+        object.__setattr__(self, "cors_allow_origins", origins)  # as browsers send them: lower case, no slash
+        for origin in origins:
+            if origin != "*" and not (isinstance(origin, str) and _ORIGIN.fullmatch(origin)):
+                raise InvalidRequestError(f"cors_allow_origins: {origin!r} is not an origin; give '*' or "
+                                          "scheme://host[:port] with no path, e.g. http://localhost:3000")

@@ -10,10 +10,21 @@ CONTRACT (shared by the chat template rendering, the grammar and both APIs):
 
   parse_tool_calls(text) splits finished output into (content, calls); ToolCallStream does it incrementally
   for streaming (text deltas, then per call: its name once known, then argument deltas).
+- parse_tool_calls(text) is ToolCallStream fed the whole text, so both give the same content and the same
+  calls (arguments: the arguments value exactly as the model wrote it; a JSON string value is decoded).
+- Streaming never emits as text what turns out to be a call: a tail that could begin "<tool_call>" is held
+  back. Content has no leading whitespace, and whitespace right before a call or at the end is dropped.
+- A call is recognised once `{"name": "<string>", "arguments": ` and the first character of the arguments
+  are written; from then on it is a call even if cut short (max_tokens): its arguments are what was written.
+  A call written another way (keys in another order, extra keys) is recognised when its `</tool_call>`
+  arrives and the body parses as a JSON object with a string "name"; one that never parses stays text.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,3 +54,280 @@ class ToolCall:
     id: str
     name: str
     arguments: str  # JSON text of an object
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class CallStart:
+    index: int  # 0, 1, ... in the order calls appear in the output
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgsDelta:
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class CallEnd:
+    index: int
+
+
+ToolEvent = TextDelta | CallStart | ArgsDelta | CallEnd
+
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*', re.DOTALL)
+_DECODER = json.JSONDecoder()
+
+
+def new_call_id() -> str:
+    """An OpenAI-style tool call id: "call_" and 24 random hex digits."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _partial_start(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:size]):
+            return size
+    return 0
+
+
+def _whole_call(body: str) -> tuple[str, str] | None:
+    """(name, arguments text) of a complete call body, or None when it is not one."""
+    text = body.strip()
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except json.JSONDecodeError:
+        return None
+    if end != len(text) or not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    if "arguments" not in value:
+        return value["name"], "{}"
+    if isinstance(value["arguments"], str):
+        return value["name"], value["arguments"]
+    if not isinstance(value["arguments"], dict):
+        return None
+    return value["name"], _raw_member(text, "arguments")
+
+
+def _raw_member(text: str, key: str) -> str:
+    """The text of top-level member `key` of the JSON object `text` (known to parse), as written."""
+    pos = text.index("{") + 1
+    found = ""
+    while True:
+        pos = len(text) - len(text[pos:].lstrip())
+        if text[pos] == "}":
+            return found
+        name, pos = _DECODER.raw_decode(text, pos)
+        pos = text.index(":", pos) + 1
+        pos = len(text) - len(text[pos:].lstrip())
+        _, end = _DECODER.raw_decode(text, pos)
+        if name == key:
+            found = text[pos:end]  # the last duplicate wins, as in json.loads
+        pos = len(text) - len(text[end:].lstrip())
+        if text[pos] == ",":
+            pos += 1
+
+
+class ToolCallStream:
+    """Splits a model's output, given as text deltas, into content text and tool calls (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._pending = ""  # text not yet emitted (TEXT) or the call's body so far (CALL)
+        self._in_call = False
+        self._held_space = ""  # whitespace after the content so far: emitted only if more content follows
+        self._space_before_call = ""
+        self._content_started = False
+        self._index = 0  # of the next call
+        # the call being streamed, once its head is recognised:
+        self._call: tuple[int, str, str] | None = None  # (index, id, name)
+        self._args: list[str] = []
+        self._scan = _ValueScanner()
+        self._tail = ""  # after the arguments value: up to </tool_call>
+        self.calls: list[ToolCall] = []  # finished calls, in order
+        self.content = ""  # content emitted so far
+
+    def feed(self, delta: str) -> list[ToolEvent]:
+        """Events for `delta`, the next piece of output text."""
+        self._pending += delta
+        events: list[ToolEvent] = []
+        while self._step(events, final=False):
+            pass
+        return events
+
+    def finish(self) -> list[ToolEvent]:
+        """Events for everything still held back, at the end of the output."""
+        events: list[ToolEvent] = []
+        while self._step(events, final=True):
+            pass
+        if self._in_call:
+            if self._call is not None:
+                self._end_call(events)
+            else:  # never became a call: it was text
+                self._held_space = self._space_before_call
+                self._text(events, CALL_START + self._pending)
+            self._in_call = False
+        elif self._pending:
+            self._text(events, self._pending)
+        self._pending = ""
+        self._held_space = ""
+        return events
+
+    def _step(self, events: list[ToolEvent], final: bool) -> bool:
+        """Consume what can be decided now; True when called again may make progress."""
+        if not self._in_call:
+            start = self._pending.find(CALL_START)
+            if start < 0:
+                keep = 0 if final else _partial_start(self._pending, CALL_START)
+                self._text(events, self._pending[: len(self._pending) - keep])
+                self._pending = self._pending[len(self._pending) - keep:]
+                return False
+            self._text(events, self._pending[:start])
+            self._space_before_call, self._held_space = self._held_space, ""
+            self._pending = self._pending[start + len(CALL_START):]
+            self._in_call = True
+            return True
+        if self._call is None:
+            return self._head(events)
+        if not self._scan.done:
+            used = self._scan.feed(self._pending, final)
+            if used:
+                if not self._scan.is_string:
+                    self._args_delta(events, self._pending[:used])
+                self._pending = self._pending[used:]
+            if self._scan.done and self._scan.is_string:
+                self._args_delta(events, self._scan.string_value or "")
+            return self._scan.done and bool(self._pending)
+        self._tail += self._pending
+        self._pending = ""
+        end = self._tail.find(CALL_END)
+        if end < 0:
+            return False
+        self._pending = self._tail[end + len(CALL_END):]
+        self._end_call(events)
+        return True
+
+    def _head(self, events: list[ToolEvent]) -> bool:
+        match = _HEAD.match(self._pending)
+        if match is not None and match.end() < len(self._pending):
+            self._call = (self._index, new_call_id(), json.loads(match.group(1)))
+            self._index += 1
+            events.append(CallStart(*self._call))
+            self._pending = self._pending[match.end():]
+            return True
+        end = self._pending.find(CALL_END)
+        while end >= 0:
+            whole = _whole_call(self._pending[:end])
+            if whole is not None:
+                index, call_id = self._index, new_call_id()
+                self._index += 1
+                events += [CallStart(index, call_id, whole[0]), ArgsDelta(index, whole[1]), CallEnd(index)]
+                self.calls.append(ToolCall(call_id, whole[0], whole[1]))
+                self._pending = self._pending[end + len(CALL_END):]
+                self._in_call = False
+                return True
+            end = self._pending.find(CALL_END, end + 1)
+        return False
+
+    def _args_delta(self, events: list[ToolEvent], text: str) -> None:
+        if text and self._call is not None:
+            self._args.append(text)
+            events.append(ArgsDelta(self._call[0], text))
+
+    def _end_call(self, events: list[ToolEvent]) -> None:
+        assert self._call is not None
+        index, call_id, name = self._call
+        events.append(CallEnd(index))
+        self.calls.append(ToolCall(call_id, name, "".join(self._args)))
+        self._call, self._args, self._scan, self._tail = None, [], _ValueScanner(), ""
+        self._in_call = False
+
+    def _text(self, events: list[ToolEvent], text: str) -> None:
+        """Emit content text, holding back trailing whitespace and dropping leading whitespace."""
+        if not text:
+            return
+        body = text.rstrip()
+        if not body:
+            if self._content_started:
+                self._held_space += text
+            return
+        space = text[len(body):]
+        if not self._content_started:
+            body = body.lstrip()
+            self._content_started = True
+        out = self._held_space + body
+        self._held_space = space
+        self.content += out
+        events.append(TextDelta(out))
+
+
+class _ValueScanner:
+    """Finds where one JSON value ends in text arriving piece by piece (only its extent, not its validity)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.string_value: str | None = None  # the decoded value when it is a JSON string (once done)
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self._kind = ""  # "{", "[", '"' or "p" (number, true, false, null)
+        self._raw = ""
+
+    def feed(self, text: str, final: bool) -> int:
+        """Scan `text` (what follows the part already scanned); return how many characters belong to the value."""
+        for i, char in enumerate(text):
+            if not self._kind:
+                self._kind = char if char in '{["' else "p"
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif char == "\\":
+                    self._escape = True
+                elif char == '"':
+                    self._in_string = False
+                    if self._kind == '"':
+                        return self._finish(text, i + 1)
+            elif self._kind == "p":
+                if char in ",}] \t\r\n":
+                    return self._finish(text, i)
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return self._finish(text, i + 1)
+        if final:
+            return self._finish(text, len(text))
+        self._raw += text
+        return len(text)
+
+    @property
+    def is_string(self) -> bool:
+        """The value is a JSON string (arguments given as JSON text): streamed whole, decoded, once done."""
+        return self._kind == '"'
+
+    def _finish(self, text: str, used: int) -> int:
+        self._raw += text[:used]
+        self.done = True
+        if self.is_string:
+            try:
+                self.string_value = json.loads(self._raw)
+            except json.JSONDecodeError:  # cut short
+                self.string_value = self._raw[1:]
+        return used
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """(content, calls) of a finished output: the same as streaming it through ToolCallStream."""
+    stream = ToolCallStream()
+    stream.feed(text)
+    stream.finish()
+    return stream.content, stream.calls

@@ -396,6 +396,21 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         if parameters is not None:
             operation["parameters"] = parameters
 
+    model = _object({"id": {"type": "string"}, "object": {"type": "string", "const": "model"},
+                     "created": {"type": "integer", "description": "Unix seconds"},
+                     "owned_by": {"type": "string"}, "type": {"type": "string", "const": "model"},
+                     "display_name": {"type": "string"},
+                     "created_at": {"type": "string", "description": "RFC 3339 (Anthropic's field)"},
+                     "max_model_len": {"type": "integer", "description": "the context window in tokens"}},
+                    ("id", "object", "created", "owned_by", "type", "display_name", "created_at"),
+                    description="OpenAI's model object and Anthropic's model info in one")
+    paths.setdefault("/v1/models/{model_id}", {}).setdefault("get", {}).update({
+        "summary": "Retrieve a model",
+        "description": "The served model under any of its names (the served name, the model id, `default`).",
+        "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": _json_response("the model", model), **_errors(False, 404)},
+    })
+
     # Without tenant or admin keys the server has one local tenant and takes no key (a metrics key alone
     # guards /metrics only); `{}` in a security list says the key is optional.
     auth_required = getattr(state, "auth_required", bool(state.config.api_keys))

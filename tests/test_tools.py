@@ -1,0 +1,154 @@
+"""Tool-call output parsing: parse_tool_calls and the streaming ToolCallStream agree at every split."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from promptstash.tools import (
+    ArgsDelta,
+    CallEnd,
+    CallStart,
+    TextDelta,
+    ToolCall,
+    ToolCallStream,
+    ToolEvent,
+    parse_tool_calls,
+)
+
+WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+SAMPLES = [
+    "just text, no calls at all",
+    WEATHER,
+    "Let me check the weather.\n" + WEATHER,
+    WEATHER + "\n" + WEATHER.replace("Paris", "Oslo"),
+    # strings holding the end tag, braces, escaped quotes; nested values; unusual spacing
+    '<tool_call>\n{"name":"f","arguments":{"s":"a </tool_call> {b} \\"c\\" \\\\","n":[1,{"x":null}],"t":true}}'
+    "\n</tool_call>",
+    '<tool_call>\n{ "name" : "f" , "arguments" :\n  {\n    "a": 1\n  }\n}\n</tool_call>',
+    # arguments written as a JSON string, keys in another order, no arguments
+    '<tool_call>\n{"name": "f", "arguments": "{\\"k\\": 1}"}\n</tool_call>',
+    '<tool_call>\n{"arguments": {"q": "x"}, "name": "search"}\n</tool_call>',
+    '<tool_call>\n{"name": "ping"}\n</tool_call>',
+    # not calls: malformed body, a tag at the end, a lone "<"
+    "text <tool_call>\n{not json}\n</tool_call> more",
+    "a < b and c <tool_ca",
+    "unicode ü 東京 😀 " + WEATHER,
+    # cut short by max_tokens inside the arguments
+    'I will call <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+]
+
+
+def _collect(events: list[ToolEvent]) -> tuple[str, list[tuple[str, str]]]:
+    """Content and (name, arguments) per call from events, checking their order."""
+    text, names, args, open_calls, ended = "", {}, {}, set(), set()
+    for event in events:
+        if isinstance(event, TextDelta):
+            assert event.text and not open_calls, event
+            text += event.text
+        elif isinstance(event, CallStart):
+            assert event.index == len(names) and not open_calls
+            assert re.fullmatch(r"call_[0-9a-f]{24}", event.id)
+            names[event.index], args[event.index] = event.name, ""
+            open_calls.add(event.index)
+        elif isinstance(event, ArgsDelta):
+            assert event.index in open_calls and event.text
+            args[event.index] += event.text
+        else:
+            assert isinstance(event, CallEnd) and event.index in open_calls
+            open_calls.remove(event.index)
+            ended.add(event.index)
+    assert not open_calls and ended == set(names)
+    return text, [(names[i], args[i]) for i in sorted(names)]
+
+
+def _stream(pieces: list[str]) -> tuple[str, list[tuple[str, str]], ToolCallStream]:
+    stream = ToolCallStream()
+    events: list[ToolEvent] = []
+    for piece in pieces:
+        events += stream.feed(piece)
+    events += stream.finish()
+    content, calls = _collect(events)
+    return content, calls, stream
+
+
+def _plain(calls: list[ToolCall]) -> list[tuple[str, str]]:
+    return [(c.name, c.arguments) for c in calls]
+
+
+def test_plain_text() -> None:
+    assert parse_tool_calls("  hello world \n") == ("hello world", [])
+
+
+def test_one_call_with_content() -> None:
+    content, calls = parse_tool_calls("Let me check.\n" + WEATHER)
+    assert content == "Let me check."
+    assert _plain(calls) == [("get_weather", '{"city": "Paris", "unit": "c"}')]
+    assert json.loads(calls[0].arguments) == {"city": "Paris", "unit": "c"}
+
+
+def test_parallel_calls_get_distinct_ids() -> None:
+    content, calls = parse_tool_calls(WEATHER + "\n" + WEATHER.replace("Paris", "Oslo"))
+    assert content == ""
+    assert [json.loads(c.arguments)["city"] for c in calls] == ["Paris", "Oslo"]
+    assert calls[0].id != calls[1].id and all(re.fullmatch(r"call_[0-9a-f]{24}", c.id) for c in calls)
+
+
+def test_arguments_as_written() -> None:
+    content, calls = parse_tool_calls(SAMPLES[4])
+    assert content == ""
+    assert json.loads(calls[0].arguments) == {"s": 'a </tool_call> {b} "c" \\', "n": [1, {"x": None}], "t": True}
+    assert calls[0].arguments.startswith('{"s":"a </tool_call>')
+    assert parse_tool_calls(SAMPLES[5])[1][0].arguments == '{\n    "a": 1\n  }'
+
+
+def test_string_arguments_other_key_order_and_missing_arguments() -> None:
+    assert _plain(parse_tool_calls(SAMPLES[6])[1]) == [("f", '{"k": 1}')]
+    assert _plain(parse_tool_calls(SAMPLES[7])[1]) == [("search", '{"q": "x"}')]
+    assert _plain(parse_tool_calls(SAMPLES[8])[1]) == [("ping", "{}")]
+
+
+def test_malformed_calls_stay_text() -> None:
+    assert parse_tool_calls(SAMPLES[9]) == ("text <tool_call>\n{not json}\n</tool_call> more", [])
+    assert parse_tool_calls(SAMPLES[10]) == ("a < b and c <tool_ca", [])
+    assert parse_tool_calls('hi <tool_call>\n{"nam') == ('hi <tool_call>\n{"nam', [])
+
+
+def test_call_cut_short_keeps_what_was_written() -> None:
+    content, calls = parse_tool_calls(SAMPLES[12])
+    assert content == "I will call"
+    assert _plain(calls) == [("get_weather", '{"city": "Par')]
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_stream_matches_parse_at_every_split(sample: str) -> None:
+    content, calls = parse_tool_calls(sample)
+    expected = (content, _plain(calls))
+    for cut in range(len(sample) + 1):
+        got_content, got_calls, stream = _stream([sample[:cut], sample[cut:]])
+        assert (got_content, got_calls) == expected, cut
+        assert (stream.content, _plain(stream.calls)) == expected
+    for cut in range(1, len(sample)):  # three pieces, the middle one a single character
+        assert _stream([sample[:cut], sample[cut], sample[cut + 1:]])[:2] == expected
+    assert _stream(list(sample))[:2] == expected
+
+
+def test_stream_emits_early_and_holds_back_only_a_possible_tag() -> None:
+    stream = ToolCallStream()
+    assert stream.feed("Hello world") == [TextDelta("Hello world")]
+    assert stream.feed(" and <tool") == [TextDelta(" and")]  # " <tool" could begin a call
+    events = stream.feed('_call>\n{"name": "get_weather", "arguments": {"ci')
+    assert [type(e) for e in events] == [CallStart, ArgsDelta]
+    assert events[0].name == "get_weather" and events[1] == ArgsDelta(0, '{"ci')
+    assert stream.feed('ty": "Paris"}}\n</tool_call>') == [ArgsDelta(0, 'ty": "Paris"}'), CallEnd(0)]
+    assert stream.finish() == []
+    assert stream.content == "Hello world and"
+    assert _plain(stream.calls) == [("get_weather", '{"city": "Paris"}')]
+
+
+def test_stream_text_after_a_false_start() -> None:
+    stream = ToolCallStream()
+    assert stream.feed("a <tool") == [TextDelta("a")]
+    assert stream.feed("box> b") == [TextDelta(" <toolbox> b")]
