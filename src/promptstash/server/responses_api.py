@@ -30,7 +30,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from promptstash import tools as tool_format
 from promptstash.engine.engine import Usage
 from promptstash.engine.grammar import GrammarSpec
 from promptstash.engine.sampling import SamplingParams
@@ -41,7 +40,7 @@ from promptstash.server.errors import APIError
 from promptstash.server.response_store import ResponseStore
 from promptstash.server.state import ServerState, cache_namespace, registry_namespace, wait_for_completion
 from promptstash.server.validate import Body, parse_json_object, type_name
-from promptstash.tools import CALL_END, CALL_START, ToolCall, ToolDef
+from promptstash.tools import ArgsDelta, CallEnd, CallStart, TextDelta, ToolCall, ToolCallStream, ToolDef
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -185,8 +184,9 @@ def _input_messages(body: Body, history: tuple[ChatMessage, ...]) -> list[ChatMe
         elif kind == "function_call_output":
             call_id, output = _call_output(item, where)
             if call_id not in calls:
-                raise APIError(400, f"{where}.call_id: no function_call with call_id {call_id!r} earlier in the "
-                                    "conversation (in input, or in the previous response)", param=f"{where}.call_id")
+                raise APIError(400, f"{where}.call_id: call_id {call_id[:80]!r} matches no tool call earlier in the "
+                                    "conversation (a function_call in input or in the previous response)",
+                               param=f"{where}.call_id")
             messages.append(ChatMessage("tool", (TextBlock(output),), tool_call_id=call_id, name=calls[call_id]))
         elif kind == "reasoning":
             continue  # another model's reasoning: this model has none to continue from
@@ -236,7 +236,7 @@ def _tool_choice(body: Body, tools: list[ToolDef]) -> tuple[str, str | None, Any
             raise body.fail("tool_choice", f"must be 'none', 'auto', 'required' or {{\"type\": \"function\", "
                                            f"\"name\": ...}}, got {value[:40]!r}")
         if value == "required" and not tools:
-            raise body.fail("tool_choice", "'required' needs at least one function in tools")
+            raise body.fail("tool_choice", "'required' needs tools (at least one function)")
         return value, None, value
     if not isinstance(value, dict):
         raise body.fail("tool_choice", f"expected a string or an object, got {type_name(value)}")
@@ -246,7 +246,7 @@ def _tool_choice(body: Body, tools: list[ToolDef]) -> tuple[str, str | None, Any
         raise c.fail("type", f"only {{\"type\": \"function\", \"name\": ...}} is supported, got {kind!r}")
     name = c.str("name", required=True)
     if not any(t.name == name for t in tools):
-        raise c.fail("name", f"no function named {name[:80]!r} in tools")
+        raise c.fail("name", f"no tool named {name[:80]!r} in tools")
     return "named", name, {"type": "function", "name": name}
 
 
@@ -392,97 +392,60 @@ def _prepare(state: ServerState, store: ResponseStore, raw: bytes, tenant: str) 
 
 # -- output: items and stream events ---------------------------------------------------------------------------
 
-class _Splitter:
-    """Splits generated text at `<tool_call>...</tool_call>` markers, incrementally: feed() / finish() return
-    ("text", str) and ("call", ToolCall) pieces. Text that may be the start of a marker is held back until it is
-    known not to be; a call body that does not parse (or is cut off) is given back as text."""
-
-    def __init__(self) -> None:
-        self._buffer = ""
-        self._in_call = False
-
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        self._buffer += text
-        pieces: list[tuple[str, Any]] = []
-        while True:
-            if self._in_call:
-                end = self._buffer.find(CALL_END)
-                if end < 0:
-                    return pieces
-                pieces.append(self._call(self._buffer[:end], closed=True))
-                self._buffer = self._buffer[end + len(CALL_END):]
-                self._in_call = False
-                continue
-            start = self._buffer.find(CALL_START)
-            if start >= 0:
-                if start:
-                    pieces.append(("text", self._buffer[:start]))
-                self._buffer = self._buffer[start + len(CALL_START):]
-                self._in_call = True
-                continue
-            hold = next((k for k in range(min(len(CALL_START) - 1, len(self._buffer)), 0, -1)
-                         if CALL_START.startswith(self._buffer[-k:])), 0)
-            if len(self._buffer) > hold:
-                pieces.append(("text", self._buffer[:len(self._buffer) - hold]))
-                self._buffer = self._buffer[len(self._buffer) - hold:]
-            return pieces
-
-    def finish(self) -> list[tuple[str, Any]]:
-        rest, self._buffer = self._buffer, ""
-        if self._in_call:
-            self._in_call = False
-            return [self._call(rest, closed=False)]
-        return [("text", rest)] if rest else []
-
-    @staticmethod
-    def _call(inner: str, closed: bool) -> tuple[str, Any]:
-        marked = CALL_START + inner + (CALL_END if closed else "")
-        if closed:
-            content, calls = tool_format.parse_tool_calls(marked)
-            if len(calls) == 1 and not content.strip():
-                return "call", calls[0]
-        return "text", marked
-
-
 class _Output:
-    """The response's output items, built from text and calls as they come; each method returns the stream events
-    (without sequence_number) that tell a client what changed."""
+    """The response's output items, built from the model's text as it comes (split into content and calls by
+    tools.ToolCallStream when tools are offered); each method returns the stream events (without
+    sequence_number) that tell a client what changed. Streamed or not, a response gets the same items."""
 
-    def __init__(self) -> None:
+    def __init__(self, parse_calls: bool) -> None:
         self.items: list[dict[str, Any]] = []
+        self._calls = ToolCallStream() if parse_calls else None
         self._message: dict[str, Any] | None = None  # the open message item
-        self._pending = ""  # leading whitespace, held until text that is not whitespace opens a message
-        self.calls: list[ToolCall] = []
+        self._call: dict[str, Any] | None = None  # the open function_call item
+
+    def feed(self, text: str, last: bool = False) -> list[dict[str, Any]]:
+        """Events for the next piece of output text (last: the output is complete, so held-back text settles)."""
+        if self._calls is None:
+            return self._text(text, eager=True)
+        events: list[dict[str, Any]] = []
+        for event in self._calls.feed(text) + (self._calls.finish() if last else []):
+            if isinstance(event, TextDelta):
+                events += self._text(event.text)
+            elif isinstance(event, CallStart):
+                events += self._start_call(event.id, event.name)
+            elif isinstance(event, ArgsDelta) and self._call is not None:
+                self._call["arguments"] += event.text
+                events.append({"type": "response.function_call_arguments.delta", "item_id": self._call["id"],
+                               "output_index": len(self.items) - 1, "delta": event.text})
+            elif isinstance(event, CallEnd):
+                events += self._end_call("completed")
+        return events
 
     @property
     def text(self) -> str:
         return "".join(part["text"] for item in self.items if item["type"] == "message" for part in item["content"])
 
-    def _open_message(self) -> list[dict[str, Any]]:
-        item = {"id": _id("msg_"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
-        self._message = item
-        self.items.append(item)
-        index = len(self.items) - 1
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        item["content"].append(part)
-        return [{"type": "response.output_item.added", "output_index": index, "item": _copy(item, content=[])},
-                {"type": "response.content_part.added", "item_id": item["id"], "output_index": index,
-                 "content_index": 0, "part": dict(part)}]
-
-    def add_text(self, text: str, *, eager: bool = False) -> list[dict[str, Any]]:
-        """eager: open the message even for whitespace (no tools: the whole output is one message)."""
+    def _text(self, text: str, eager: bool = False) -> list[dict[str, Any]]:
+        """eager: open the message even for no text (without tools the output is one message, maybe empty)."""
         events: list[dict[str, Any]] = []
         if self._message is None:
-            self._pending += text
-            if not eager and not self._pending.strip():
+            if not text and not eager:
                 return events
-            events += self._open_message()
-            text, self._pending = self._pending, ""
+            item = {"id": _id("msg_"), "type": "message", "status": "in_progress", "role": "assistant",
+                    "content": []}
+            self._message = item
+            self.items.append(item)
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            events += [{"type": "response.output_item.added", "output_index": len(self.items) - 1,
+                        "item": _copy(item)},
+                       {"type": "response.content_part.added", "item_id": item["id"],
+                        "output_index": len(self.items) - 1, "content_index": 0, "part": dict(part)}]
+            item["content"].append(part)
         if text:
-            assert self._message is not None
             self._message["content"][0]["text"] += text
             events.append({"type": "response.output_text.delta", "item_id": self._message["id"],
-                           "output_index": len(self.items) - 1, "content_index": 0, "delta": text, "logprobs": []})
+                           "output_index": self.items.index(self._message), "content_index": 0, "delta": text,
+                           "logprobs": []})
         return events
 
     def _close_message(self, status: str) -> list[dict[str, Any]]:
@@ -498,35 +461,45 @@ class _Output:
                  "content_index": 0, "part": dict(part)},
                 {"type": "response.output_item.done", "output_index": index, "item": _copy(item)}]
 
-    def add_call(self, call: ToolCall) -> list[dict[str, Any]]:
-        events = self._close_message("completed")
-        self._pending = ""
-        call_id = call.id or _id("call_")
-        self.calls.append(ToolCall(call_id, call.name, call.arguments))
+    def _start_call(self, call_id: str, name: str) -> list[dict[str, Any]]:
+        events = self._close_message("completed") + self._end_call("incomplete")
         item = {"id": _id("fc_"), "type": "function_call", "status": "in_progress", "call_id": call_id,
-                "name": call.name, "arguments": ""}
+                "name": name, "arguments": ""}
+        self._call = item
         self.items.append(item)
-        index = len(self.items) - 1
-        events.append({"type": "response.output_item.added", "output_index": index, "item": _copy(item)})
-        item["arguments"] = call.arguments
-        item["status"] = "completed"
-        events += [{"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": index,
-                    "delta": call.arguments},
-                   {"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": index,
-                    "name": call.name, "arguments": call.arguments},
-                   {"type": "response.output_item.done", "output_index": index, "item": _copy(item)}]
-        return events
+        return events + [{"type": "response.output_item.added", "output_index": len(self.items) - 1,
+                          "item": _copy(item)}]
+
+    def _end_call(self, status: str) -> list[dict[str, Any]]:
+        item, self._call = self._call, None
+        if item is None:
+            return []
+        index = self.items.index(item)
+        item["status"] = status
+        return [{"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": index,
+                 "name": item["name"], "arguments": item["arguments"]},
+                {"type": "response.output_item.done", "output_index": index, "item": _copy(item)}]
 
     def finish(self, status: str) -> list[dict[str, Any]]:
-        """Close the open message; an output with no item at all gets an (empty) message."""
+        """Close what is open (with the response's status); an output with no item at all gets an empty message."""
         events: list[dict[str, Any]] = []
-        if self._message is None and not self.items:
-            events += self.add_text("", eager=True)
-        return events + self._close_message(status)
+        if not self.items:
+            events += self._text("", eager=True)
+        return events + self._close_message(status) + self._end_call(status)
 
     def message(self) -> ChatMessage:
-        """The output as the assistant turn a follow-up's history holds."""
-        return ChatMessage("assistant", (TextBlock(self.text),), tool_calls=tuple(self.calls))
+        """The output as the assistant turn a follow-up's history holds. A call cut short (max_output_tokens) whose
+        arguments are not a JSON object is left out: it cannot be rendered, and was never complete."""
+        calls = tuple(ToolCall(item["call_id"], item["name"], item["arguments"]) for item in self.items
+                      if item["type"] == "function_call" and _is_json_object(item["arguments"]))
+        return ChatMessage("assistant", (TextBlock(self.text),), tool_calls=calls)
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _copy(item: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -597,15 +570,6 @@ async def _respond(state: ServerState, store: ResponseStore, request: Request, p
                 "model": p.model, "output": output, "usage": usage_json(usage) if usage is not None else None,
                 **p.echo}
 
-    def feed(out: _Output, splitter: _Splitter | None, text: str, last: bool = False) -> list[dict[str, Any]]:
-        """Events for new text (last: the output is complete, so held-back text is settled)."""
-        if splitter is None:
-            return out.add_text(text, eager=True)
-        events: list[dict[str, Any]] = []
-        for kind, piece in splitter.feed(text) + (splitter.finish() if last else []):
-            events += out.add_text(piece) if kind == "text" else out.add_call(piece)
-        return events
-
     def finished(out: _Output, usage: Usage, reason: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         status = "completed" if reason == "stop" else "incomplete"
         events = out.finish(status)
@@ -621,9 +585,8 @@ async def _respond(state: ServerState, store: ResponseStore, request: Request, p
         if completion.finish_reason not in ("stop", "length"):
             raise APIError(500, f"generation failed (finish reason {completion.finish_reason!r})")
         state.stats.record("responses", completion, p.tenant)
-        out = _Output()
-        splitter = _Splitter() if p.parse_calls else None
-        feed(out, splitter, completion.text, last=True)
+        out = _Output(p.parse_calls)
+        out.feed(completion.text, last=True)
         result, _ = finished(out, completion.usage, completion.finish_reason)
         return JSONResponse(result, headers=headers)
 
@@ -634,14 +597,13 @@ async def _respond(state: ServerState, store: ResponseStore, request: Request, p
             return sse({"type": data["type"], "sequence_number": next(sequence),
                         **{k: v for k, v in data.items() if k != "type"}}, event=data["type"])
 
-        out = _Output()
-        splitter = _Splitter() if p.parse_calls else None
+        out = _Output(p.parse_calls)
         try:
             yield event({"type": "response.created", "response": body("in_progress", [], None)})
             yield event({"type": "response.in_progress", "response": body("in_progress", [], None)})
             async for update in submission.updates():
                 if update.new_text:
-                    for e in feed(out, splitter, update.new_text):
+                    for e in out.feed(update.new_text):
                         yield event(e)
             completion = await submission.completion()
             reason = completion.finish_reason
@@ -650,7 +612,7 @@ async def _respond(state: ServerState, store: ResponseStore, request: Request, p
                 yield event({"type": "response.failed", "response": body("failed", out.items, None, error)})
                 return
             state.stats.record("responses", completion, p.tenant)
-            flushed = feed(out, splitter, "", last=True) if splitter is not None else []
+            flushed = out.feed("", last=True)
             result, closing = finished(out, completion.usage, reason)
             for e in [*flushed, *closing]:
                 yield event(e)
