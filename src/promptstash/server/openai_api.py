@@ -795,17 +795,17 @@ class ToolDeltas:
         self._stream = tool_format.ToolCallStream()
         self.num_calls = 0
 
-    def _deltas(self, events: Sequence[Any]) -> list[dict[str, Any]]:
+    def _deltas(self, events: Sequence[tool_format.ToolEvent]) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []
         for event in events:
-            if event.kind == "text":
+            if isinstance(event, tool_format.TextDelta):
                 if event.text:
                     deltas.append({"content": event.text})
-            elif event.kind == "call":
+            elif isinstance(event, tool_format.CallStart):
                 self.num_calls = max(self.num_calls, event.index + 1)
                 deltas.append({"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
                                                "function": {"name": event.name, "arguments": ""}}]})
-            elif event.text:
+            elif isinstance(event, tool_format.ArgsDelta) and event.text:
                 deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
         return deltas
 
@@ -813,4 +813,4 @@ class ToolDeltas:
         return self._deltas(self._stream.feed(text)) if text else []
 
     def close(self) -> list[dict[str, Any]]:
-        return self._deltas(self._stream.close())
+        return self._deltas(self._stream.finish())
