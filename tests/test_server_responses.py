@@ -232,6 +232,11 @@ BAD = [
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "temperature": 3}, "temperature"),
     ({"input": "x", "conversation": "conv_1"}, "conversation"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ({"input": "x", "tools": [WEATHER], "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "nonsense"}}}},
+     "text.format"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": 5}}]}, "tools"),
     ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
 ]
 
@@ -291,3 +296,82 @@ def test_store_is_bounded_in_count_and_age() -> None:
     assert store.get("t", "resp_1") is None and store.get("t", "resp_2") is not None
     clock.advance(100)
     assert len(store) == 0
+
+
+# -- fuzzing the documented schema (tests/test_schemathesis.py's rules, for these operations) ------------------
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.generation import GenerationMode  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+FUZZ_MAX_TOKENS = 4
+# a schema-valid request may still get a 400 for a rule JSON Schema cannot state; these are the messages
+FUZZ_RULES = ("context window", "no tool named", "matches no tool call", "needs tools", "at most one output constraint",
+              "cannot be compiled into a grammar", "two tools are named", "JSON text of an object")
+FUZZ_OPERATIONS = [("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
+                   ("DELETE", "/v1/responses/{response_id}")]
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory):
+    engine = tiny_chat_engine(tmp_path_factory.mktemp("responses-fuzz"))
+    with LiveServer(engine, ServerConfig(default_max_tokens=FUZZ_MAX_TOKENS)) as srv:
+        stored = httpx.post(srv.url + "/v1/responses", timeout=30,
+                            json={"model": MODEL, "input": "stored", "max_output_tokens": 2}).json()["id"]
+        schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
+        schema.config.output.sanitization.update(enabled=False)
+        yield srv, schema, stored
+
+
+def _last_event(content: bytes) -> str | None:
+    events = [line[7:].strip() for line in content.decode(errors="replace").splitlines() if line.startswith("event: ")]
+    return events[-1] if events else None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["positive", "negative"])
+@pytest.mark.parametrize("method,path", FUZZ_OPERATIONS, ids=[f"{m} {p}" for m, p in FUZZ_OPERATIONS])
+def test_fuzz_responses_from_the_document(fuzzed, method, path, mode) -> None:
+    """Schema-valid requests get a 2xx (or a 400 for a rule above, a 404 for an unknown id); schema-invalid ones a
+    4xx; never a 5xx; every answer fits the documented responses; every stream ends with its final event."""
+    srv, schema, stored = fuzzed
+    if mode is GenerationMode.NEGATIVE and method != "POST":
+        pytest.skip("any string is a valid path segment: nothing schema-invalid to send")
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=40, derandomize=True, database=None, deadline=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck), print_blob=False)
+    @given(case=schema[path][method].as_strategy(generation_mode=mode))
+    def run(case) -> None:
+        body = case.body
+        if isinstance(body, dict):
+            value = body.get("max_output_tokens")
+            if isinstance(value, int) and not isinstance(value, bool) and FUZZ_MAX_TOKENS < value <= 1 << 20:
+                body["max_output_tokens"] = FUZZ_MAX_TOKENS
+            if isinstance(body.get("previous_response_id"), str):
+                body["previous_response_id"] = stored  # a random id names nothing (404): no schema can say so
+        response = case.call(base_url=srv.url, timeout=20)
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        where = case.as_curl_command()
+        assert response.status_code < 500, f"{response.status_code} {response.text[:300]}: {where}"
+        case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
+                                                 content_type_conformance, response_schema_conformance,
+                                                 negative_data_rejection])
+        if mode is GenerationMode.POSITIVE:
+            ok = 200 <= response.status_code < 300 or (response.status_code == 404 and method != "POST")
+            ok = ok or (response.status_code == 400 and any(r in response.text for r in FUZZ_RULES))
+            assert ok, f"schema-valid request rejected: {response.status_code} {response.text[:300]}: {where}"
+        if response.status_code == 200 and "text/event-stream" in response.headers.get("content-type", ""):
+            assert _last_event(response.content) in ("response.completed", "response.incomplete"), where
+
+    run()
+    assert statuses
+    if mode is GenerationMode.POSITIVE and method == "POST":
+        assert statuses.get(200, 0) >= sum(statuses.values()) // 2, statuses

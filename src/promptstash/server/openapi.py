@@ -99,7 +99,34 @@ def _module_part(extra: dict[str, Any]) -> dict[str, Any]:
                    description="a registered module, used without resending its text")
 
 
-def _openai_options(model_names: list[str], max_model_len: int) -> dict[str, Any]:
+def _id_pattern(vocab_size: int | None) -> str:
+    """A regex for the decimal token ids 0 .. vocab_size - 1 (no leading zeros): logit_bias keys."""
+    if not vocab_size:
+        return r"^(0|[1-9][0-9]{0,9})$"
+    top = str(vocab_size - 1)
+    options = ["[0-9]"] if len(top) > 1 else [f"[0-{top}]"]
+    options += [f"[1-9][0-9]{{{n}}}" for n in range(1, len(top) - 1)]
+    if len(top) > 1:
+        for i, digit in enumerate(top):  # same first i digits as top, then a smaller digit, then anything
+            low = "1" if i == 0 else "0"
+            if int(digit) > int(low):
+                options.append(f"{top[:i]}[{low}-{int(digit) - 1}][0-9]{{{len(top) - i - 1}}}")
+        options.append(top)
+    return "^(" + "|".join(options) + ")$"
+
+
+OUTPUT_CONSTRAINTS = "At most one output constraint per request: response_format json_object / json_schema, " \
+                     "guided_json, guided_regex, guided_choice, or tools that may be called (tool_choice not \"none\")."
+CACHE_TTL = {"type": "string", "enum": ["30m", "12h"],
+             "description": "a minimum lifetime, mapped onto the next TTL class up: 30m -> 1h, 12h -> 24h"}
+FUNCTION_NAME = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
+NOT_SUPPORTED = {"type": "null", "description": "not supported (a value is a 400)"}
+
+
+def _openai_options(model_names: list[str], max_model_len: int, vocab_size: int | None) -> dict[str, Any]:
+    """Fields both OpenAI routes read the same way."""
+    schema_object = {"type": "object", "description": "a JSON schema, compiled into a grammar (a schema the grammar "
+                                                      "library cannot compile is a 400 naming the problem)"}
     return {
         "model": {"type": "string", "enum": model_names},
         **_sampling_common(max_model_len),
@@ -112,35 +139,98 @@ def _openai_options(model_names: list[str], max_model_len: int) -> dict[str, Any
             {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
         ], "description": "up to 4 non-empty stop strings, never included in the output"}),
         "stream_options": _nullable(_object({"include_usage": _nullable({"type": "boolean"})})),
-        "n": _nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "only 1 is supported"}),
+        "n": _nullable({"type": "integer", "minimum": 1, "maximum": 16,
+                        "description": "choices of one prompt: the prompt is computed once and counted once"}),
         "user": _nullable({"type": "string"}),
         "prompt_cache_key": _nullable({"type": "string", "description": "accepted; one engine needs no routing "
                                                                         "hint"}),
         "prompt_cache_retention": _nullable({"type": "string", "enum": ["in_memory", "24h"],
                                              "description": "24h protects the prompt's blocks for 24 hours"}),
+        "prompt_cache_options": _nullable(_object({
+            "mode": _nullable({"type": "string", "enum": ["implicit", "explicit"],
+                               "description": "implicit (default): one more breakpoint at the end of the prompt; "
+                                              "explicit: only prompt_cache_breakpoint parts are protected"}),
+            "ttl": _nullable({**CACHE_TTL, "description": "the breakpoints' TTL (default 30m): 30m -> 1h, 12h -> "
+                                                          "24h"})})),
         "ignore_eos": _nullable({"type": "boolean"}),
-        "logprobs": _nullable({"type": "boolean", "enum": [False], "description": "not supported"}),
-        "top_logprobs": _nullable({"type": "integer", "enum": [0], "description": "not supported"}),
-        "presence_penalty": _nullable({"type": "number", "enum": [0], "description": "only 0 is supported"}),
-        "frequency_penalty": _nullable({"type": "number", "enum": [0], "description": "only 0 is supported"}),
-        "tools": _nullable({"type": "array", "maxItems": 0, "description": "tool calling is not supported"}),
-        "response_format": _nullable(_object({"type": _nullable({"type": "string", "enum": ["text"]})})),
+        "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "repetition_penalty": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 2,
+                                         "description": "vLLM's: > 1 discourages tokens of the prompt and output"}),
+        "min_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "logit_bias": _nullable({"type": "object", "propertyNames": {"pattern": _id_pattern(vocab_size)},
+                                 "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                                 "description": "token id (a decimal string) -> bias added to its logit"}),
+        "guided_json": _nullable(schema_object),
+        "guided_regex": _nullable({"type": "string", "minLength": 1, "description": "the output matches this regex"}),
+        "guided_choice": _nullable({"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                                    "description": "the output is one of these strings"}),
+        **{name: _nullable(NOT_SUPPORTED) for name in ("functions", "function_call", "guided_grammar",
+                                                        "structured_outputs", "prediction", "audio",
+                                                        "web_search_options")},
     }
 
 
-def _chat_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
-    part = {"anyOf": [_text_parts({}), _module_part({})]}
+def _openai_part(text_part: bool) -> dict[str, Any]:
+    extra = {"prompt_cache_breakpoint": _nullable(_object(
+        {"mode": {"type": "string", "const": "explicit"},
+         "ttl": _nullable({**CACHE_TTL, "description": "default: prompt_cache_options.ttl, else 30m"})}, ("mode",),
+        description="protects the prompt up to the end of this part (at most 4 per request)"))}
+    return _text_parts(extra) if text_part else _module_part(extra)
+
+
+def _chat_request(model_names: list[str], max_model_len: int, vocab_size: int | None = None) -> dict[str, Any]:
+    part = {"anyOf": [_openai_part(True), _openai_part(False)]}
     content = {"oneOf": [{"type": "string"}, {"type": "array", "items": part}],
                "description": "a string or an array of text parts (`\"module\": true` marks a module) and module "
                               "parts"}
+    text_content = {"oneOf": [{"type": "string"}, {"type": "array", "items": _openai_part(True)}]}
+    tool_call = _object({"id": {"type": "string"}, "type": _nullable({"type": "string", "const": "function"}),
+                         "function": _object({"name": {"type": "string"},
+                                              "arguments": {"type": "string",
+                                                            "description": "the JSON text of an object"}},
+                                             ("name", "arguments"))}, ("id", "function"))
     message = {"oneOf": [
         _object({"role": {"type": "string", "enum": ["system", "developer", "user"]}, "content": content},
                 ("role", "content")),
-        _object({"role": {"type": "string", "const": "assistant"}, "content": _nullable(content)}, ("role",)),
+        _object({"role": {"type": "string", "const": "assistant"}, "content": _nullable(content),
+                 "tool_calls": _nullable({"type": "array", "items": tool_call})}, ("role",)),
+        _object({"role": {"type": "string", "const": "tool"}, "content": text_content,
+                 "tool_call_id": {"type": "string", "description": "the id of a tool call of an earlier assistant "
+                                                                   "message"}}, ("role", "content", "tool_call_id")),
     ]}
-    return _object({**_openai_options(model_names, max_model_len),
-                    "messages": {"type": "array", "items": message, "minItems": 1}},
-                   ("model", "messages"))
+    tool = _object({"type": {"type": "string", "const": "function"}, "function": _object({
+        "name": FUNCTION_NAME, "description": _nullable({"type": "string"}),
+        "parameters": _nullable({"type": "object", "description": "the arguments' JSON schema"}),
+        "strict": _nullable({"type": "boolean", "description": "accepted: arguments always follow the schema"}),
+    }, ("name",))}, ("type", "function"))
+    json_schema = _object({"name": FUNCTION_NAME, "description": _nullable({"type": "string"}),
+                           "schema": _nullable({"type": "object"}), "strict": _nullable({"type": "boolean"})},
+                          ("name",))
+    response_format = {"anyOf": [
+        _object({"type": _nullable({"type": "string", "enum": ["text", "json_object"]})}),
+        _object({"type": {"type": "string", "const": "json_schema"}, "json_schema": json_schema},
+                ("type", "json_schema")),
+    ]}
+    tool_choice = {"oneOf": [
+        {"type": "string", "enum": ["none", "auto", "required"]},
+        _object({"type": {"type": "string", "const": "function"},
+                 "function": _object({"name": FUNCTION_NAME}, ("name",))}, ("type", "function")),
+    ], "description": "required / a named function need tools; the name must be one of theirs"}
+    logprobs_rule = {"if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+                            "required": ["top_logprobs"]},
+                     "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}}
+    return _object({**_openai_options(model_names, max_model_len, vocab_size),
+                    "messages": {"type": "array", "items": message, "minItems": 1},
+                    "logprobs": _nullable({"type": "boolean"}),
+                    "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20,
+                                               "description": "above 0 needs logprobs: true"}),
+                    "tools": _nullable({"type": "array", "items": tool, "maxItems": 128,
+                                        "description": "function names must differ"}),
+                    "tool_choice": _nullable(tool_choice),
+                    "parallel_tool_calls": _nullable({"type": "boolean"}),
+                    "response_format": _nullable(response_format)},
+                   ("model", "messages"), allOf=[logprobs_rule], description=OUTPUT_CONSTRAINTS)
 
 
 def _completion_request(model_names: list[str], max_model_len: int, vocab_size: int | None) -> dict[str, Any]:
@@ -152,11 +242,18 @@ def _completion_request(model_names: list[str], max_model_len: int, vocab_size: 
     prompt = {"oneOf": [text, tokens, {"type": "array", "items": {"oneOf": [text, tokens]}, "minItems": 1,
                                        "maxItems": 1}],
               "description": "one prompt: a non-empty string or token ids (or a one-element array of either)"}
-    return _object({**_openai_options(model_names, max_model_len), "prompt": prompt,
+    return _object({**_openai_options(model_names, max_model_len, vocab_size), "prompt": prompt,
+                    "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 5,
+                                           "description": "each output token's log-probability and the top N"}),
+                    "top_logprobs": _nullable({**NOT_SUPPORTED, "description": "a chat field: use logprobs"}),
+                    "tools": _nullable({"type": "array", "maxItems": 0, "description": "chat only"}),
+                    "response_format": _nullable(_object({"type": _nullable({"type": "string", "enum": ["text"]})},
+                                                         description="use guided_json / guided_regex / "
+                                                                     "guided_choice")),
                     "echo": _nullable({"type": "boolean", "enum": [False], "description": "not supported"}),
                     "suffix": _nullable({"type": "string", "maxLength": 0, "description": "not supported"}),
                     "best_of": _nullable({"type": "integer", "minimum": 1, "maximum": 1})},
-                   ("model", "prompt"))
+                   ("model", "prompt"), description=OUTPUT_CONSTRAINTS)
 
 
 def _messages_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
@@ -202,9 +299,16 @@ def _components() -> dict[str, Any]:
                             "promptstash": _ref("UsageExtension")},
                            ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"))
     finish = {"type": "string", "enum": ["stop", "length"]}
-    chat_choice = _object({"index": {"type": "integer"}, "finish_reason": finish,
+    tool_call = _object({"id": {"type": "string"}, "type": {"type": "string", "const": "function"},
+                         "function": _object({"name": {"type": "string"}, "arguments": {"type": "string"}},
+                                             ("name", "arguments"))}, ("id", "type", "function"))
+    chat_choice = _object({"index": {"type": "integer"},
+                           "finish_reason": {"type": "string", "enum": ["stop", "length", "tool_calls"]},
                            "message": _object({"role": {"type": "string", "const": "assistant"},
-                                               "content": {"type": "string"}}, ("role", "content"))},
+                                               "content": {"type": ["string", "null"]},
+                                               "tool_calls": {"type": "array", "items": tool_call}},
+                                              ("role", "content")),
+                           "logprobs": {"type": ["object", "null"]}},
                           ("index", "message", "finish_reason"))
     text_choice = _object({"index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": finish},
                           ("index", "text", "finish_reason"))
@@ -212,7 +316,7 @@ def _components() -> dict[str, Any]:
     def openai_completion(obj: str, choice: dict[str, Any]) -> dict[str, Any]:
         return _object({"id": {"type": "string"}, "object": {"type": "string", "const": obj},
                         "created": {"type": "integer"}, "model": {"type": "string"},
-                        "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": 1},
+                        "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": 16},
                         "usage": openai_usage}, ("id", "object", "created", "model", "choices", "usage"))
 
     anthropic_usage = _object({**{name: {"type": "integer", "minimum": 0} for name in (
@@ -306,6 +410,156 @@ def _model_route(schema_name: str, request_schema: dict[str, Any], anthropic: bo
     }
 
 
+# -- Responses API (POST /v1/responses, GET / DELETE /v1/responses/{response_id}) --------------------------------
+
+def _responses_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
+    """What responses_api.py accepts. Rules JSON Schema cannot state (400s): a function_call_output's call_id must
+    match an earlier function_call, function_call arguments must be the JSON text of an object, tool names must be
+    distinct, tool_choice must name a tool in tools ('required' needs tools), tools (with tool_choice other than
+    none) and a JSON text.format are not combined, schemas must compile into a grammar; previous_response_id must
+    name a response this tenant stored (else 404)."""
+    from promptstash.server.responses_api import HARMLESS_INCLUDES, REASONING_EFFORTS, SERVICE_TIERS
+
+    string = {"type": "string"}
+    name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+    text_part = _object({"type": {"type": "string", "enum": ["input_text", "output_text", "text"]}, "text": string},
+                        ("type", "text"))
+    refusal = _object({"type": {"type": "string", "const": "refusal"}, "refusal": string}, ("type", "refusal"))
+    message_type = _nullable({"type": "string", "const": "message"})
+    assistant_parts = {"type": "array", "items": {"anyOf": [text_part, refusal]}}
+    answerable = [
+        _object({"type": message_type, "role": {"type": "string", "enum": ["user", "system", "developer"]},
+                 "content": {"anyOf": [string, {"type": "array", "items": text_part}]}}, ("role", "content")),
+        _object({"type": message_type, "role": {"type": "string", "const": "assistant"},
+                 "content": _nullable({"anyOf": [string, assistant_parts]})},
+                ("role",)),
+        _object({"type": {"type": "string", "const": "function_call"}, "call_id": string, "name": string,
+                 "arguments": {**string, "contentMediaType": JSON, "contentSchema": {"type": "object"},
+                               "description": "the JSON text of an object"}},
+                ("type", "call_id", "name", "arguments")),
+        _object({"type": {"type": "string", "const": "function_call_output"}, "call_id": string,
+                 "output": {"anyOf": [string, {"type": "array", "items": text_part}]}},
+                ("type", "call_id", "output"), description="answers the function_call with this call_id"),
+    ]
+    reasoning = _object({"type": {"type": "string", "const": "reasoning"}}, ("type",),
+                        description="another model's reasoning: accepted and left out of the prompt")
+    function_tool = _object({"type": {"type": "string", "const": "function"}, "name": name,
+                             "description": _nullable(string), "parameters": _nullable({"type": "object"}),
+                             "strict": _nullable({"type": "boolean"})}, ("type", "name"))
+    text_format = {"anyOf": [
+        _object({"type": {"type": "string", "enum": ["text", "json_object"]}}, ("type",)),
+        _object({"type": {"type": "string", "const": "json_schema"}, "name": name, "schema": {"type": "object"},
+                 "strict": _nullable({"type": "boolean"}), "description": _nullable(string)},
+                ("type", "name", "schema")),
+    ]}
+    never = {"type": "null", "description": "not supported (null or absent)"}
+    return _object({
+        "model": {"type": "string", "enum": model_names},
+        "input": {"anyOf": [string, {"type": "array", "items": {"anyOf": [*answerable, reasoning]},
+                                     "contains": {"anyOf": answerable}}],
+                  "description": "a user message, or input items (at least one that is not reasoning)"},
+        "instructions": _nullable({**string, "description": "a system message ahead of the input (not carried over "
+                                                            "by previous_response_id)"}),
+        "previous_response_id": _nullable({**string, "description": "continue a stored response's conversation"}),
+        "store": _nullable({"type": "boolean", "description": "default true: kept in memory, per API key, for GET "
+                                                              "and previous_response_id (bounded in count and age)"}),
+        "stream": _nullable({"type": "boolean"}),
+        "stream_options": _nullable(_object({"include_obfuscation": _nullable({"type": "boolean"})})),
+        "tools": _nullable({"type": "array", "items": function_tool, "description": "function tools only"}),
+        "tool_choice": _nullable({"anyOf": [
+            {"type": "string", "enum": ["none", "auto", "required"]},
+            _object({"type": {"type": "string", "const": "function"}, "name": string}, ("type", "name"))]}),
+        "parallel_tool_calls": _nullable({"type": "boolean"}),
+        "text": _nullable(_object({"format": _nullable(text_format),
+                                   "verbosity": _nullable({"type": "string", "enum": ["medium"]})})),
+        "max_output_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": max_model_len}),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "seed": _nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1}),
+        "metadata": _nullable({"type": "object", "maxProperties": 16, "propertyNames": {"maxLength": 64},
+                               "additionalProperties": {"type": "string", "maxLength": 512}}),
+        "user": _nullable(string), "safety_identifier": _nullable(string), "prompt_cache_key": _nullable(string),
+        "prompt_cache_retention": _nullable({"type": "string", "enum": ["in_memory", "24h"]}),
+        "service_tier": _nullable({"type": "string", "enum": list(SERVICE_TIERS)}),
+        "truncation": _nullable({"type": "string", "enum": ["disabled"]}),
+        "include": _nullable({"type": "array", "items": {"type": "string", "enum": list(HARMLESS_INCLUDES)}}),
+        "reasoning": _nullable(_object({"effort": _nullable({"type": "string", "enum": list(REASONING_EFFORTS)}),
+                                        "summary": never, "generate_summary": never})),
+        "top_logprobs": _nullable({"type": "integer", "enum": [0]}),
+        "background": _nullable({"type": "boolean", "enum": [False]}),
+        **{field: never for field in ("conversation", "prompt", "max_tool_calls", "context_management",
+                                      "prompt_cache_options")},
+    }, ("model", "input"))
+
+
+def _responses_components() -> dict[str, Any]:
+    string = {"type": "string"}
+    status = {"type": "string", "enum": ["in_progress", "completed", "incomplete"]}
+    message = _object({"id": string, "type": {"type": "string", "const": "message"}, "status": status,
+                       "role": {"type": "string", "const": "assistant"},
+                       "content": {"type": "array", "items": _object(
+                           {"type": {"type": "string", "const": "output_text"}, "text": string,
+                            "annotations": {"type": "array"}}, ("type", "text", "annotations"))}},
+                      ("id", "type", "status", "role", "content"))
+    call = _object({"id": string, "type": {"type": "string", "const": "function_call"}, "status": status,
+                    "call_id": string, "name": string, "arguments": string},
+                   ("id", "type", "call_id", "name", "arguments"))
+    count = {"type": "integer", "minimum": 0}
+    usage = _object({"input_tokens": count, "output_tokens": count, "total_tokens": count,
+                     "input_tokens_details": _object({"cached_tokens": count, "cache_write_tokens": count},
+                                                     ("cached_tokens",)),
+                     "output_tokens_details": _object({"reasoning_tokens": count}, ("reasoning_tokens",))},
+                    ("input_tokens", "input_tokens_details", "output_tokens", "output_tokens_details",
+                     "total_tokens"))
+    response = _object({
+        "id": {"type": "string", "pattern": "^resp_"}, "object": {"type": "string", "const": "response"},
+        "created_at": {"type": "integer"},
+        "status": {"type": "string", "enum": ["completed", "incomplete", "in_progress", "failed"]},
+        "incomplete_details": _nullable(_object({"reason": string}, ("reason",))), "model": string,
+        "output": {"type": "array", "items": {"anyOf": [message, call]}}, "usage": _nullable(usage),
+        "previous_response_id": _nullable(string), "store": {"type": "boolean"},
+    }, ("id", "object", "created_at", "status", "model", "output"))
+    deleted = _object({"id": string, "object": {"type": "string", "const": "response"},
+                       "deleted": {"type": "boolean", "const": True}}, ("id", "object", "deleted"))
+    return {"Response": response, "ResponseDeleted": deleted}
+
+
+RESPONSE_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
+                   "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+                   "response.content_part.done", "response.function_call_arguments.delta",
+                   "response.function_call_arguments.done", "response.output_item.done", "response.completed",
+                   "response.incomplete", "response.failed"]
+
+
+def _responses_paths(model_names: list[str], max_model_len: int) -> dict[str, dict[str, Any]]:
+    create = _model_route(
+        "Response", _responses_request(model_names, max_model_len), False, "OpenAI Responses API",
+        "instructions + input (or a stored conversation, by previous_response_id, + input) rendered with the chat "
+        "template and the function tools; the follow-up's prompt extends the stored one, so it reuses its cached "
+        "prefix. Streams `event: TYPE` / `data: {...}` pairs with sequence_number, ending with response.completed "
+        "(or response.incomplete / response.failed).")
+    create["responses"]["200"]["content"][SSE]["schema"] = _object({
+        "event": {"type": "string", "enum": RESPONSE_EVENTS},
+        "data": {"type": "string", "contentMediaType": JSON,
+                 "contentSchema": _object({"type": {"type": "string"}, "sequence_number": {"type": "integer"}},
+                                          ("type", "sequence_number"))}}, ("event", "data"))
+    create["responses"].update(_errors(False, 500))
+    create["responses"]["500"]["description"] = "generation failed"
+    response_id = [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"},
+                    "description": "a stored response's id (this API key's tenant only)"}]
+    return {
+        "/v1/responses": {"post": create},
+        "/v1/responses/{response_id}": {
+            "get": {"summary": "A stored response", "parameters": response_id,
+                    "responses": {"200": _json_response("the response as it was returned", _ref("Response")),
+                                  **_errors(False, 404)}},
+            "delete": {"summary": "Forget a stored response", "parameters": response_id,
+                       "responses": {"200": _json_response("deleted", _ref("ResponseDeleted")),
+                                     **_errors(False, 404)}},
+        },
+    }
+
+
 def _limit(default: int, maximum: int) -> dict[str, Any]:
     return {"name": "limit", "in": "query", "required": False,
             "description": f"how many to return (clamped to 1..{maximum})",
@@ -326,7 +580,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
 
     for path, route in (
         ("/v1/chat/completions", _model_route(
-            "ChatCompletion", _chat_request(names, max_model_len), False, "OpenAI chat completion",
+            "ChatCompletion", _chat_request(names, max_model_len, vocab_size), False, "OpenAI chat completion",
             "Reuses the longest cached prefix of the tenant's namespace (the API key's tenant, plus cache_salt).")),
         ("/v1/completions", _model_route(
             "TextCompletion", _completion_request(names, max_model_len, vocab_size), False,
@@ -375,6 +629,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         "parameters": [{"name": "module_id", "in": "path", "required": True, "schema": {"type": "string"}}],
         "responses": {"200": _json_response("deleted", _ref("ModuleDeleted")), **_errors(False, 404)},
     })
+
+    for path, methods in _responses_paths(names, max_model_len).items():
+        for method, operation in methods.items():
+            paths.setdefault(path, {}).setdefault(method, {}).update(operation)  # keeps FastAPI's operationId
 
     plain = {"200": {"description": "OK", "content": {JSON: {"schema": {"type": "object"}}}}}
     for path, method, responses, parameters in (
@@ -429,6 +687,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         schemas.pop(unused, None)
     schemas.update(_components())
     schemas["TokenCount"] = _token_count()
+    schemas.update(_responses_components())
     components["securitySchemes"] = {
         BEARER: {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
         API_KEY: {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "x-api-key: KEY"},

@@ -168,14 +168,11 @@ def _input_messages(body: Body, history: tuple[ChatMessage, ...]) -> list[ChatMe
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise APIError(400, f"{where}: expected an input item object, got {type_name(item)}", param=where)
-        kind = item.get("type", "message")
+        kind = "message" if item.get("type") is None else item["type"]
         if kind == "message":
             messages.append(_message(item, where))
         elif kind == "function_call":
             call = _function_call(item, where)
-            if call.id in calls:
-                raise APIError(400, f"{where}.call_id: call_id {call.id!r} is used by an earlier function_call",
-                               param=f"{where}.call_id")
             calls[call.id] = call.name
             if messages and messages[-1].role == "assistant":
                 messages[-1] = replace(messages[-1], tool_calls=(*messages[-1].tool_calls, call))
@@ -193,6 +190,9 @@ def _input_messages(body: Body, history: tuple[ChatMessage, ...]) -> list[ChatMe
         else:
             raise APIError(400, f"{where}.type: input items of type {kind!r} are not supported; supported: message, "
                                 "function_call, function_call_output", param=f"{where}.type")
+    if not messages:
+        raise body.fail("input", "must contain a message or function item (reasoning items alone leave nothing to "
+                                 "answer)")
     return messages
 
 
@@ -354,13 +354,17 @@ def _prepare(state: ServerState, store: ResponseStore, raw: bytes, tenant: str) 
 
     grammar, grammar_param = text_grammar, "text.format"
     if tools and mode != "none":
-        grammar, grammar_param = GrammarSpec.tool_calls(tools, "required" if mode == "required" else mode, named,
-                                                        parallel), "tools"
+        if text_grammar is not None:
+            raise APIError(400, "text.format: at most one output constraint per request: tools (tool_choice "
+                                f"{mode!r}) and text.format {text_echo['format']['type']!r} were both given; use "
+                                "tool_choice 'none' for a structured answer", param="text.format")
+        grammar, grammar_param = GrammarSpec.tool_calls(tools, mode, named, parallel), "tools"
     if grammar is not None:
         try:
             state.engine.compile_grammar(grammar)  # cached: add_request finds it compiled
         except InvalidRequestError as exc:
-            raise APIError(400, f"{grammar_param}: {exc}", param=grammar_param) from None
+            raise APIError(400, f"{grammar_param}: cannot be compiled into a grammar: {exc}",
+                           param=grammar_param) from None
 
     messages = ([ChatMessage("system", (TextBlock(instructions),))] if instructions is not None else [])
     messages += conversation
