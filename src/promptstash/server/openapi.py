@@ -155,7 +155,7 @@ def _openai_options(model_names: list[str], max_model_len: int, vocab_size: int 
         "ignore_eos": _nullable({"type": "boolean"}),
         "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
         "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-        "repetition_penalty": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 2,
+        "repetition_penalty": _nullable({"type": "number", "minimum": 0.01, "maximum": 2,
                                          "description": "vLLM's: > 1 discourages tokens of the prompt and output"}),
         "min_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
         "logit_bias": _nullable({"type": "object", "propertyNames": {"pattern": _id_pattern(vocab_size)},
@@ -257,11 +257,58 @@ def _completion_request(model_names: list[str], max_model_len: int, vocab_size: 
 
 
 def _messages_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
+    """What anthropic_api.py accepts. Rules JSON Schema cannot state (400s): a tool_result's tool_use_id must match
+    a tool_use of an earlier assistant message; tool names and tool_use ids must be distinct; tool_choice must name
+    a tool in tools (any / tool need tools); output_config.format / output_format are one constraint, not combined
+    with tools (unless tool_choice is none); schemas must compile into a grammar; a final assistant message (a
+    prefill) holds no tool_use."""
+    from promptstash.server.anthropic_api import TOOL_NAME, TOOL_USE_ID
+
     cache_control = _ref("CacheControl")
     extra = {"cache_control": _nullable(cache_control)}
-    blocks = {"type": "array", "items": {"anyOf": [_text_parts(extra), _module_part(extra)]}, "minItems": 1}
-    message = _object({"role": {"type": "string", "enum": ["user", "assistant"]},
-                       "content": {"oneOf": [{"type": "string"}, blocks]}}, ("role", "content"))
+    text_or_module = [_text_parts(extra), _module_part(extra)]
+    blocks = {"type": "array", "items": {"anyOf": text_or_module}, "minItems": 1}
+    tool_use = _object({"type": {"type": "string", "const": "tool_use"},
+                        "id": {"type": "string", "pattern": TOOL_USE_ID.pattern},
+                        "name": {"type": "string", "minLength": 1}, "input": {"type": "object"}, **extra},
+                       ("type", "id", "name", "input"), description="a tool call the assistant made")
+    tool_result = _object({"type": {"type": "string", "const": "tool_result"}, "tool_use_id": {"type": "string"},
+                           "content": _nullable({"oneOf": [{"type": "string"},
+                                                           {"type": "array", "items": {"anyOf": text_or_module}}]}),
+                           "is_error": _nullable({"type": "boolean"}), **extra}, ("type", "tool_use_id"),
+                          description="the result of the tool_use with this id (rendered as a tool message)")
+    message = {"oneOf": [
+        _object({"role": {"type": "string", "const": "user"}, "content": {"oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"anyOf": [*text_or_module, tool_result]}, "minItems": 1}]}},
+            ("role", "content")),
+        _object({"role": {"type": "string", "const": "assistant"}, "content": {"oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"anyOf": [*text_or_module, tool_use]}, "minItems": 1}]}},
+            ("role", "content"),
+            description="the last message may be from the assistant: a prefill that generation continues"),
+    ]}
+    tool = _object({
+        "name": {"type": "string", "pattern": TOOL_NAME.pattern}, "description": _nullable({"type": "string"}),
+        "input_schema": _object({"type": {"type": "string", "const": "object"}}, ("type",),
+                                description="a JSON schema; the tool's input is constrained to it"),
+        "type": _nullable({"type": "string", "const": "custom", "description": "server tools are not supported"}),
+        "strict": _nullable({"type": "boolean", "description": "inputs are always constrained to the schema"}),
+        "defer_loading": _nullable({"type": "boolean", "const": False, "description": "tool search is not "
+                                                                                      "supported"}),
+        **extra}, ("name", "input_schema"), description="a custom tool; cache_control: a breakpoint after it")
+    parallel = _nullable({"type": "boolean"})
+    no_name = {"type": "null", "description": "only tool_choice of type tool names a tool"}
+    tool_choice = {"oneOf": [
+        *(_object({"type": {"type": "string", "const": kind}, "disable_parallel_tool_use": parallel,
+                   "name": no_name}, ("type",)) for kind in ("auto", "any", "none")),
+        _object({"type": {"type": "string", "const": "tool"}, "name": {"type": "string"},
+                 "disable_parallel_tool_use": parallel}, ("type", "name")),
+    ], "description": "auto (text or tool calls), any (at least one call), tool (that tool), none (text only; the "
+                      "tools are still rendered); the default is auto with tools"}
+    output_format = _object({"type": {"type": "string", "const": "json_schema"}, "schema": {"type": "object"}},
+                            ("type", "schema"), description="the text is constrained to this JSON schema")
+    never = {"type": "null", "description": "not supported (null or absent)"}
     common = _sampling_common(max_model_len)
     common["max_tokens"] = {"type": "integer", "minimum": 0, "maximum": max_model_len,
                             "description": "0 only writes the prompt to the cache"}
@@ -273,12 +320,18 @@ def _messages_request(model_names: list[str], max_model_len: int) -> dict[str, A
         "messages": {"type": "array", "items": message, "minItems": 1},
         "stop_sequences": _nullable({"type": "array", "items": {"type": "string", "minLength": 1}}),
         "metadata": _nullable(_object({"user_id": _nullable({"type": "string"})})),
-        "tools": _nullable({"type": "array", "maxItems": 0, "description": "tool use is not supported"}),
+        "tools": _nullable({"type": "array", "items": tool, "description": "rendered ahead of the conversation"}),
+        "tool_choice": _nullable(tool_choice),
+        "output_config": _nullable(_object({"effort": never, "format": _nullable(output_format)})),
+        "output_format": _nullable({**output_format, "description": "the beta spelling of output_config.format"}),
+        "thinking": _nullable(_object({"type": {"type": "string", "const": "disabled"}}, ("type",),
+                                      description="thinking is not supported")),
+        **{field: never for field in ("container", "mcp_servers", "context_management")},
         "cache_control": _nullable({**cache_control, "description": "automatic caching: one more breakpoint, on "
                                                                     "the last block"}),
     }, ("model", "max_tokens", "messages"),
-        description="At most 4 cache_control breakpoints (the top-level one counts); a 1h breakpoint may not "
-                    "follow a 5m one.")
+        description="At most 4 cache_control breakpoints (the top-level one counts; tools, system, then messages); "
+                    "a 1h breakpoint may not follow a 5m one.")
 
 
 # -- responses -------------------------------------------------------------------------------------------------
@@ -326,9 +379,11 @@ def _components() -> dict[str, Any]:
     message = _object({
         "id": {"type": "string"}, "type": {"type": "string", "const": "message"},
         "role": {"type": "string", "const": "assistant"}, "model": {"type": "string"},
-        "content": {"type": "array", "items": _object({"type": {"type": "string", "const": "text"},
-                                                       "text": {"type": "string"}}, ("type", "text"))},
-        "stop_reason": {"type": "string", "enum": ["end_turn", "max_tokens", "stop_sequence"]},
+        "content": {"type": "array", "items": {"anyOf": [
+            _object({"type": {"type": "string", "const": "text"}, "text": {"type": "string"}}, ("type", "text")),
+            _object({"type": {"type": "string", "const": "tool_use"}, "id": {"type": "string"},
+                     "name": {"type": "string"}, "input": {"type": "object"}}, ("type", "id", "name", "input"))]}},
+        "stop_reason": {"type": "string", "enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
         "stop_sequence": {"type": ["string", "null"]}, "usage": anthropic_usage,
     }, ("id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"))
     count = {"type": "integer", "minimum": 0}
