@@ -195,7 +195,7 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "argumen
      ("field required",), "messages[2].tool_call_id"),
     ([{"role": "user", "content": "hi"},
       {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "add", "arguments": "{oops"}}]}],
-     ("not valid JSON",), "messages[1].tool_calls[0].function.arguments"),
+     ("the JSON text of an object",), "messages[1].tool_calls[0].function.arguments"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}],
      ("field required",), "messages[1].tool_calls[0].function"),
     ([{"role": "user", "content": "hi", "tool_calls": [CALL]}], ("only assistant",), "messages[0].tool_calls"),

@@ -82,6 +82,7 @@ MAX_CACHE_BREAKPOINTS = 4
 CACHE_TTLS = {"30m": "1h", "12h": "24h"}  # OpenAI's TTL -> our TTL class (the next one up)
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 TOKEN_ID_KEY = re.compile(r"^(0|[1-9][0-9]{0,9})$")
+MIN_REPETITION_PENALTY = 0.01  # dividing logits by a tinier penalty overflows them to inf
 MIN_LOGPROB = -9999.0  # what a -inf log-probability is reported as (JSON has no infinities)
 # fields we know and do not implement: silently ignoring them would change what the caller gets
 UNSUPPORTED = {
@@ -244,7 +245,7 @@ def _response_format(body: Body) -> GrammarSpec | None:
     fmt = body.obj("response_format")
     if fmt is None:
         return None
-    kind = fmt.str("type", required=True, choices=("text", "json_object", "json_schema"))
+    kind = fmt.str("type", "text", choices=("text", "json_object", "json_schema"))
     if kind == "text":
         return None
     if kind == "json_object":
@@ -350,10 +351,8 @@ def _options(state: ServerState, body: Body, tenant: str, kind: str) -> _Options
 
 
 def _repetition_penalty(body: Body) -> float:
-    value = body.num("repetition_penalty", 1.0, max=2.0)
-    if value <= 0.0:
-        raise body.fail("repetition_penalty", f"must be > 0 (1 = off), got {value}")
-    return value
+    """vLLM's repetition_penalty, in [MIN_REPETITION_PENALTY, 2] (1 = off)."""
+    return body.num("repetition_penalty", 1.0, min=MIN_REPETITION_PENALTY, max=2.0)
 
 
 # -- messages --------------------------------------------------------------------------------------------------
@@ -425,7 +424,8 @@ def _assistant_tool_calls(m: Body) -> tuple[ToolCall, ...]:
         try:
             parsed = json.loads(arguments)
         except ValueError as exc:
-            raise function.fail("arguments", f"not valid JSON: {exc}") from None
+            raise function.fail("arguments", f"expected the JSON text of an object, got text that is not valid "
+                                             f"JSON ({exc})") from None
         if not isinstance(parsed, dict):
             raise function.fail("arguments", f"expected the JSON text of an object, got {type_name(parsed)}")
         calls.append(ToolCall(call_id, name, arguments))
