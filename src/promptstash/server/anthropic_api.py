@@ -273,7 +273,8 @@ def _output_schema(body: Body) -> dict[str, Any] | None:
     beta = body.obj("output_format")
     if beta is not None:
         if output_format is not None:
-            raise body.fail("output_format", "give output_config.format or output_format, not both")
+            raise body.fail("output_format", "at most one output constraint: give output_config.format or "
+                                             "output_format, not both")
         output_format = beta
     if output_format is None:
         return None
