@@ -144,6 +144,12 @@ def test_continue_final_needs_a_final_assistant_text(tiny: Tokenizer, messages: 
         render(tiny, messages, continue_final=True)
 
 
+def test_a_prefill_cannot_end_with_a_module(tiny: Tokenizer) -> None:
+    messages = [msg("user", "hi"), ChatMessage("assistant", (TextBlock("x"), TextBlock("hello world", module=True)))]
+    with pytest.raises(InvalidRequestError, match="prefill cannot end with a module"):
+        render(tiny, messages, continue_final=True)
+
+
 def test_continue_final_needs_a_template_that_writes_the_text(tmp_path: Path) -> None:
     tok = Tokenizer.from_dir(build_tokenizer_dir(tmp_path, chat_template="{% for m in messages %}{{ m.role }}"
                                                                           "{% endfor %}"))

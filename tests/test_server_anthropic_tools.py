@@ -258,6 +258,8 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [tool_use("bad id!")]},
                    {"role": "user", "content": "?"}]}, "messages[1].content[0].id"),
     ({"messages": HISTORY}, "prefill"),
+    ({"messages": USER + [{"role": "assistant", "content": [{"type": "text", "text": "hello world", "module": True}]}]},
+     "prefill cannot end with a module"),
     ({"messages": HISTORY + [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                                                            "content": [{"type": "image", "source": {}}]}]}]},
      "messages[2].content[0].content[0].type"),

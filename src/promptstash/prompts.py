@@ -86,6 +86,9 @@ def render(tokenizer: Any, messages: list[ChatMessage], resolve_module: ModuleRe
         raise InvalidRequestError("this model has no tokenizer, so chat messages cannot be rendered")
     if continue_final and (not messages or messages[-1].role != "assistant" or messages[-1].tool_calls):
         raise InvalidRequestError("continue_final: the last message must be an assistant message without tool calls")
+    if continue_final and messages[-1].blocks and (messages[-1].blocks[-1].module or messages[-1].blocks[-1].module_id):
+        raise InvalidRequestError("continue_final: a prefill cannot end with a module (the last prompt token is "
+                                  "computed to sample from it)")
     tag = secrets.token_hex(6)
     pattern = re.compile(f"\x00{tag}:([bm])(\\d+)\x00")
     classes: list[str] = []
