@@ -48,9 +48,11 @@ def _messages(*pairs: tuple[str, str]) -> list[ChatMessage]:
     return [ChatMessage(role, (TextBlock(text),)) for role, text in pairs]
 
 
-def _create(client: openai.OpenAI, **kwargs: Any):
+def _create(client: openai.OpenAI, cache_salt: str | None = None, **kwargs: Any):
     kwargs.setdefault("max_output_tokens", 8)
     kwargs.setdefault("temperature", 0)
+    if cache_salt is not None:
+        kwargs["extra_body"] = {"cache_salt": cache_salt}
     return client.responses.create(model=MODEL, **kwargs)
 
 
@@ -98,6 +100,14 @@ def test_previous_response_id_renders_the_stored_conversation_and_hits_the_cache
     # a third turn extends the second
     third = _create(client, input="Thanks.", instructions=INSTRUCTIONS, previous_response_id=second.id)
     assert third.usage.input_tokens_details.cached_tokens >= second.usage.input_tokens - 16
+
+
+def test_cache_salt_isolates_the_cache(client) -> None:
+    prompt = "Salted prompt. " + INSTRUCTIONS
+    first = _create(client, input=prompt, cache_salt="a")
+    assert _create(client, input=prompt, cache_salt="b").usage.input_tokens_details.cached_tokens == 0
+    assert _create(client, input=prompt, cache_salt="a").usage.input_tokens_details.cached_tokens >= (
+        first.usage.input_tokens - 16)
 
 
 def test_retrieve_and_delete(client) -> None:
@@ -194,6 +204,12 @@ def test_named_tool_choice_and_streamed_call(client) -> None:
                    and e.item_id == calls[0].id)
     assert args == calls[0].arguments
     jsonschema.validate(json.loads(args), lookup["parameters"])
+    with client.responses.stream(model=MODEL, input="Look it up.", tools=[WEATHER, lookup], temperature=0,
+                                 tool_choice={"type": "function", "name": "lookup"}, parallel_tool_calls=False,
+                                 max_output_tokens=500) as stream:
+        final = stream.get_final_response()  # the SDK's accumulator accepts the event sequence
+    (call,) = [item for item in final.output if item.type == "function_call"]
+    jsonschema.validate(json.loads(call.arguments), lookup["parameters"])
 
 
 def test_text_format_json_schema_output_parses(client) -> None:

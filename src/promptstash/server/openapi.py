@@ -534,6 +534,8 @@ def _responses_request(model_names: list[str], max_model_len: int) -> dict[str, 
         "metadata": _nullable({"type": "object", "maxProperties": 16, "propertyNames": {"maxLength": 64},
                                "additionalProperties": {"type": "string", "maxLength": 512}}),
         "user": _nullable(string), "safety_identifier": _nullable(string), "prompt_cache_key": _nullable(string),
+        "cache_salt": _nullable({**string, "description": "isolates the cache: requests with different salts never "
+                                                          "share cached blocks"}),
         "prompt_cache_retention": _nullable({"type": "string", "enum": ["in_memory", "24h"]}),
         "service_tier": _nullable({"type": "string", "enum": list(SERVICE_TIERS)}),
         "truncation": _nullable({"type": "string", "enum": ["disabled"]}),

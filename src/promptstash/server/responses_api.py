@@ -390,7 +390,8 @@ def _prepare(state: ServerState, store: ResponseStore, raw: bytes, tenant: str) 
         "prompt_cache_key": body.str("prompt_cache_key"), "prompt_cache_retention": retention,
         "background": False, "top_logprobs": 0,
     }
-    return _Prepared(model, stream, keep, tenant, cache_namespace(tenant, None), sampling, max_tokens is not None,
+    namespace = cache_namespace(tenant, body.str("cache_salt"))
+    return _Prepared(model, stream, keep, tenant, namespace, sampling, max_tokens is not None,
                      retention, rendered.token_ids, conversation, bool(tools) and mode != "none", echo)
 
 
