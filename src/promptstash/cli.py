@@ -165,6 +165,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(bench_modules.to_markdown(res))
         print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
         return 0
+    if args.workload == "grammar":
+        from promptstash.bench import grammar as bench_grammar
+
+        start = time.perf_counter()
+        res = bench_grammar.run(model=args.model, log=lambda m: print(m, file=sys.stderr))
+        js, md = bench_grammar.write(res, Path(args.out))
+        print(bench_grammar.to_markdown(res))
+        print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        return 0
     if args.workload == "soak":
         from promptstash.bench import soak
 
@@ -192,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          model=args.model, baseline=not args.no_baseline)
     else:
         print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
-              "modules, soak, tenants, summary", file=sys.stderr)
+              "modules, grammar, soak, tenants, summary", file=sys.stderr)
         return 2
     js, md = module.write(res, Path(args.out))
     print(module.to_markdown(res))
@@ -246,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of stored KV entries (auto = the pool's, exact; bfloat16 halves fp32 bytes)")
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
-    b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | soak | summary")
+    b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | grammar | soak "
+                   "| summary")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
