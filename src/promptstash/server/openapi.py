@@ -243,8 +243,10 @@ def _completion_request(model_names: list[str], max_model_len: int, vocab_size: 
                                        "maxItems": 1}],
               "description": "one prompt: a non-empty string or token ids (or a one-element array of either)"}
     return _object({**_openai_options(model_names, max_model_len, vocab_size), "prompt": prompt,
-                    "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 5,
-                                           "description": "each output token's log-probability and the top N"}),
+                    "logprobs": _nullable({"anyOf": [{"type": "integer", "minimum": 0, "maximum": 5},
+                                                     {"type": "boolean", "const": False}],
+                                           "description": "each output token's log-probability and the top N; "
+                                                          "false: off"}),
                     "top_logprobs": _nullable({**NOT_SUPPORTED, "description": "a chat field: use logprobs"}),
                     "tools": _nullable({"type": "array", "maxItems": 0, "description": "chat only"}),
                     "response_format": _nullable(_object({"type": _nullable({"type": "string", "enum": ["text"]})},
@@ -331,7 +333,11 @@ def _messages_request(model_names: list[str], max_model_len: int) -> dict[str, A
                                                                     "the last block"}),
     }, ("model", "max_tokens", "messages"),
         description="At most 4 cache_control breakpoints (the top-level one counts; tools, system, then messages); "
-                    "a 1h breakpoint may not follow a 5m one.")
+                    "a 1h breakpoint may not follow a 5m one.",
+        **{"if": {"properties": {"tool_choice": {"type": "object", "properties": {"type": {"enum": ["any", "tool"]}},
+                                                 "required": ["type"]}}, "required": ["tool_choice"]},
+           "then": {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"],
+                    "description": "tool_choice any / tool needs tools"}})
 
 
 # -- responses -------------------------------------------------------------------------------------------------
