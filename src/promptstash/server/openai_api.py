@@ -159,8 +159,10 @@ def _logprobs(body: Body, kind: str) -> int | None:
     """SamplingParams.logprobs: chat `logprobs: true` + `top_logprobs`; completions `logprobs` (an integer)."""
     if kind == "text":
         if body.data.get("top_logprobs") is not None:
-            raise body.fail("top_logprobs", "top_logprobs is a chat field: /v1/completions takes logprobs "
+            raise body.fail("top_logprobs", "not supported on /v1/completions (a chat field): it takes logprobs "
                                             f"(0..{MAX_COMPLETION_LOGPROBS}) for the top tokens")
+        if body.data.get("logprobs") is False:  # what chat clients send for "off"
+            return None
         return body.int("logprobs", None, min=0, max=MAX_COMPLETION_LOGPROBS)
     wanted = body.bool("logprobs", False)
     top = body.int("top_logprobs", None, min=0, max=MAX_LOGPROBS)
