@@ -170,6 +170,20 @@ def test_empty_arguments_are_an_empty_object(tiny: Tokenizer) -> None:
     assert '{"name": "add", "arguments": {}}' in text
 
 
+def test_python_api_messages_carry_tool_calls_and_results(tiny: Tokenizer) -> None:
+    from promptstash.prompts import chat_messages
+
+    dicts = as_dicts(CONVERSATION)
+    dicts[2]["tool_calls"][1]["function"]["arguments"] = json.dumps({"a": 2, "b": 3})  # JSON text works too
+    assert chat_messages(dicts) == [
+        ChatMessage(m.role, m.blocks, tuple(ToolCall(c.id, c.name, json.dumps(json.loads(c.arguments)))
+                                            for c in m.tool_calls), m.tool_call_id, m.name) for m in CONVERSATION]
+    assert render(tiny, chat_messages(dicts), tools=[WEATHER]).token_ids == \
+        render(tiny, CONVERSATION, tools=[WEATHER]).token_ids
+    with pytest.raises(InvalidRequestError, match="tool call 0"):
+        chat_messages([{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}])
+
+
 # --- the real model's template against transformers ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

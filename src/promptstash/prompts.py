@@ -198,7 +198,9 @@ def _template_call(call: ToolCall, ttl_class: str | None, marker: Callable[[str]
 
 def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
     """The Python API's messages (OpenAI format) as ChatMessages: content is a string or a list of parts,
-    `{"type": "text", "text": ..., "module": true?}` or `{"type": "module", "id": ...}`."""
+    `{"type": "text", "text": ..., "module": true?}` or `{"type": "module", "id": ...}`; an assistant message may
+    carry `tool_calls` ([{"id", "function": {"name", "arguments": JSON text or a dict}}]), a tool message
+    `tool_call_id` and `name`."""
     result = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
@@ -212,8 +214,32 @@ def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
             blocks = tuple(content_part(part, f"message {i} part {j}") for j, part in enumerate(content))
         else:
             raise InvalidRequestError(f"message {i}: content must be a string or a list of parts")
-        result.append(ChatMessage(message["role"], blocks))
+        tool_call_id, name = message.get("tool_call_id"), message.get("name")
+        if not isinstance(tool_call_id, str | None) or not isinstance(name, str | None):
+            raise InvalidRequestError(f"message {i}: tool_call_id and name must be strings")
+        result.append(ChatMessage(message["role"], blocks, _tool_calls(message.get("tool_calls"), i),
+                                  tool_call_id, name))
     return result
+
+
+def _tool_calls(calls: Any, index: int) -> tuple[ToolCall, ...]:
+    if calls is None:
+        return ()
+    if not isinstance(calls, list):
+        raise InvalidRequestError(f"message {index}: tool_calls must be a list")
+    result = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(f"message {index} tool call {j}: expected {{'id': ..., 'function': "
+                                      "{'name': ..., 'arguments': ...}}")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, Mapping):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        if not isinstance(arguments, str):
+            raise InvalidRequestError(f"message {index} tool call {j}: arguments must be JSON text or a dict")
+        result.append(ToolCall(str(call.get("id") or f"call_{j}"), function["name"], arguments))
+    return tuple(result)
 
 
 def content_part(part: Any, where: str) -> TextBlock:
