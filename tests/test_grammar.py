@@ -292,3 +292,23 @@ def test_qwen_tool_calls(qwen: tuple[Tokenizer, Walker]) -> None:
     content, calls = parse_tool_calls("Let me look that up.<tool_call>" + walker.text(ids))
     assert content == "Let me look that up." and len(calls) == 1 and auto.finished
     jsonschema.validate(json.loads(calls[0].arguments), {t.name: t for t in TOOLS}[calls[0].name].parameters)
+
+
+def test_no_schema_keyword_is_silently_ignored(tiny: tuple[Tokenizer, Walker]) -> None:
+    """bench grammar's coverage list: each schema is rejected with a 400-style error naming the keyword, or
+    it accepts a valid instance and refuses one that breaks only that keyword. Never compiled and ignored."""
+    from promptstash.bench.grammar import COVERAGE, _llg_accepts
+
+    tokenizer = tiny[0]
+    (eos,) = tokenizer.eos_token_ids
+    enforced = 0
+    for name, schema, good, bad in COVERAGE:
+        try:
+            compiled = compile_grammar(GrammarSpec.json_schema(schema), tokenizer, _vocab(tiny))
+        except InvalidRequestError as exc:
+            assert "does not support" in str(exc), (name, str(exc))
+            continue
+        assert _llg_accepts(compiled, tokenizer.encode(good), eos), name
+        assert not _llg_accepts(compiled, tokenizer.encode(bad), eos), name
+        enforced += 1
+    assert enforced >= 20
