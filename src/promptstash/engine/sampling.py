@@ -59,8 +59,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= float(getattr(self, name)) <= 2.0:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
-        if not 0.0 < float(self.repetition_penalty) <= 2.0:
-            raise InvalidRequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if not 0.01 <= float(self.repetition_penalty) <= 2.0:  # a tiny one would divide logits into inf
+            raise InvalidRequestError(f"repetition_penalty must be in [0.01, 2], got {self.repetition_penalty!r}")
         if not 0.0 <= float(self.min_p) <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
         for token_id, bias in self.logit_bias:
