@@ -174,6 +174,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(bench_grammar.to_markdown(res))
         print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
         return 0
+    if args.workload == "agent":
+        from promptstash.bench import agent as bench_agent
+
+        start = time.perf_counter()
+        res = bench_agent.run(agents=args.agents, steps=args.steps, max_tokens=args.agent_max_tokens, model=args.model,
+                              dtype="float32" if args.dtype == "auto" else args.dtype,
+                              log=lambda m: print(m, file=sys.stderr))
+        js, md = bench_agent.write(res, Path(args.out))
+        print(bench_agent.to_markdown(res))
+        print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        return 0
     if args.workload == "soak":
         from promptstash.bench import soak
 
@@ -201,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          model=args.model, baseline=not args.no_baseline)
     else:
         print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
-              "modules, grammar, soak, tenants, summary", file=sys.stderr)
+              "modules, grammar, agent, soak, tenants, summary", file=sys.stderr)
         return 2
     js, md = module.write(res, Path(args.out))
     print(module.to_markdown(res))
@@ -255,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of stored KV entries (auto = the pool's, exact; bfloat16 halves fp32 bytes)")
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
-    b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | grammar | soak "
-                   "| summary")
+    b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | grammar | agent "
+                   "| soak | summary")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
@@ -284,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="soak: a tiny random-weight model with the default tokenizer (a quick run)")
     b.add_argument("--seed", type=int, default=0, help="soak: seed of the request mix")
     b.add_argument("--questions", type=int, default=None, help="modules: questions per workload")
+    b.add_argument("--agents", type=int, default=4, help="agent: agents running at once")
+    b.add_argument("--steps", type=int, default=4, help="agent: tool-calling steps per agent")
+    b.add_argument("--agent-max-tokens", type=int, default=64, help="agent: output tokens per step (one call)")
     b.add_argument("--modules", action="store_true",
                    help="rag: mark each passage as a module (writes workload-rag-modules.*)")
     b.add_argument("--module-repair", default=None, help="rag --modules: the requests' module_repair "

@@ -95,6 +95,17 @@ def render(out_dir: Path) -> str:
             lines.append(f"\nCached tokens {on['cached_tokens']:,} vs the unbounded-cache optimum "
                          f"{report['workload']['optimum_cached_tokens']:,}.")
         lines += ["", f"Details and plots: [workload-{w}.md](workload-{w}.md), ![{w}](workload-{w}.png)", ""]
+    agent = json.loads((out_dir / "agent.json").read_text()) if (out_dir / "agent.json").exists() else None
+    if agent is not None:
+        s, on, off = agent["setup"], agent["on"], agent["off"]
+        lines += ["## Agents: tool calling with a long tool list (`bench agent`)", "",
+                  f"{s['agents']} agents at once, {s['num_tools']} tools ({s['tools_tokens']:,} tokens), {s['steps']} "
+                  "steps each with `tool_choice: \"required\"`, caching on vs off in the same run.", "",
+                  "| | on | off |", "|---|---:|---:|",
+                  f"| total time | {on['wall_s']:.1f} s | {off['wall_s']:.1f} s |",
+                  f"| TTFT mean | {on['ttft_mean_s']:.2f} s | {off['ttft_mean_s']:.2f} s |",
+                  f"| cached / prompt tokens | {on['hit_rate']:.0%} | {off['hit_rate']:.0%} |", "",
+                  f"Speedup {agent['speedup_wall']:.2f}× (total time). Per step: [agent.md](agent.md).", ""]
     lines += ["Other results: [prefix caching vs transformers](prefix.md), [tiers](tiers.md), [modules: quality and "
               "speed of every repair strategy](modules.md), [rag with modules](workload-rag-modules.md).", ""]
     return "\n".join(lines)
