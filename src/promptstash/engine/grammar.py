@@ -311,6 +311,15 @@ def _with_options(schema: Any, what: str, top_type: str | None = None) -> dict[s
     return schema
 
 
+def _from_schema(schema: dict[str, Any], what: str) -> str:
+    """llguidance's grammar for a JSON schema; a value it cannot even serialize (an integer beyond 64 bits, say)
+    is a schema problem, not a server error."""
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema)
+    except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+        raise InvalidRequestError(f"{what} could not be compiled: invalid JSON schema: {exc}") from None
+
+
 def _matcher(vocab: _Vocab, grammar: str) -> tuple[llguidance.LLMatcher, str]:
     matcher = llguidance.LLMatcher(vocab.lltok, grammar, log_level=0)
     return matcher, matcher.get_error() if matcher.is_error() else ""
@@ -323,7 +332,7 @@ def _literal(text: str) -> str:
 def _compile(spec: GrammarSpec, vocab: _Vocab, vocab_size: int) -> _Compiled:
     if spec.kind == "json_schema":
         schema = {"type": "object"} if spec.source == "" else _load(spec.source, "json_schema")
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(_with_options(schema, "json_schema"))
+        grammar = _from_schema(_with_options(schema, "json_schema"), "json_schema")
         matcher, error = _matcher(vocab, grammar)
         if error:
             raise _schema_problem("json_schema", error)
@@ -372,7 +381,7 @@ def _compile_tools(spec: GrammarSpec, vocab: _Vocab, vocab_size: int) -> _Compil
             raise InvalidRequestError(f"tool {index} has no name")
         what = f"parameters of tool {name!r}"
         params = _with_options(tool.get("parameters", {"type": "object"}), what, top_type="object")
-        _, error = _matcher(vocab, llguidance.LLMatcher.grammar_from_json_schema(params))
+        _, error = _matcher(vocab, _from_schema(params, what))
         if error:
             raise _schema_problem(what, error)
         head = '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
