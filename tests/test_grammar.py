@@ -222,6 +222,9 @@ def test_compiled_grammars_are_cached(tiny: tuple[Tokenizer, Walker], monkeypatc
                             "required"), "parameters of tool 'f' could not be compiled: invalid JSON schema"),
     (GrammarSpec.tool_calls([], "required"), "at least one tool"),
     (GrammarSpec("tool_calls", json.dumps([{"name": "f"}]), "sometimes"), "unknown tool mode 'sometimes'"),
+    (GrammarSpec.regex("a\ud800"), "regex holds text that is not valid Unicode"),
+    (GrammarSpec.tool_calls([ToolDef("f\ud800")], "required"), "tools holds text that is not valid Unicode"),
+    (GrammarSpec.choice(["a\ud800"]), "choice could not be compiled"),
 ])
 def test_errors_name_the_problem(tiny: tuple[Tokenizer, Walker], spec: GrammarSpec, message: str) -> None:
     with pytest.raises(InvalidRequestError) as info:

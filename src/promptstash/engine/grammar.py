@@ -321,7 +321,10 @@ def _from_schema(schema: dict[str, Any], what: str) -> str:
 
 
 def _matcher(vocab: _Vocab, grammar: str) -> tuple[llguidance.LLMatcher, str]:
-    matcher = llguidance.LLMatcher(vocab.lltok, grammar, log_level=0)
+    try:
+        matcher = llguidance.LLMatcher(vocab.lltok, grammar, log_level=0)
+    except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+        raise InvalidRequestError(f"grammar could not be compiled: {exc}") from None
     return matcher, matcher.get_error() if matcher.is_error() else ""
 
 
@@ -330,6 +333,12 @@ def _literal(text: str) -> str:
 
 
 def _compile(spec: GrammarSpec, vocab: _Vocab, vocab_size: int) -> _Compiled:
+    try:
+        spec.source.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        what = spec.kind if spec.kind != "tool_calls" else "tools"
+        raise InvalidRequestError(f"{what} holds text that is not valid Unicode (a lone surrogate such as "
+                                  f"\\ud800 at character {exc.start})") from None
     if spec.kind == "json_schema":
         schema = {"type": "object"} if spec.source == "" else _load(spec.source, "json_schema")
         grammar = _from_schema(_with_options(schema, "json_schema"), "json_schema")
