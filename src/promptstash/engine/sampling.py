@@ -137,7 +137,7 @@ class SamplerState:
                 if 0 <= token_id < vocab:
                     logits[token_id] += bias
         if allowed is not None:
-            logits.masked_fill_(~allowed, float("-inf"))
+            logits.masked_fill_(~allowed.to(device, non_blocking=True), float("-inf"))
         return logits
 
     def record_logprobs(self, raw_logits: torch.Tensor, token_id: int) -> TokenLogprob:

@@ -283,6 +283,11 @@ class Tokenizer:
         """Id of the exact token string ``token`` (e.g. ``"<|im_end|>"``), or None if it is not in the vocabulary."""
         return self._tokenizer.token_to_id(token)
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The underlying `tokenizers.Tokenizer` (for libraries that build on it, e.g. the grammar library)."""
+        return self._tokenizer
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (OpenAI logprobs' `bytes`): exact even for a token that is part of a
         multi-byte character. Byte-level BPE spells bytes as the GPT-2 byte-to-character table; metaspace
