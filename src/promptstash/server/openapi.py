@@ -667,6 +667,34 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         "responses": {"200": _json_response("the count", _ref("TokenCount")), **_errors(True, 400, 404, 413)},
     })
 
+    chat_messages = _chat_request(names, max_model_len, vocab_size)["properties"]["messages"]
+    model = _nullable({"type": "string", "enum": names})
+    special = _nullable({"type": "boolean", "description": "add the tokenizer's special tokens (default true)"})
+    tokenize_body = {"oneOf": [
+        {**_object({"model": model, "prompt": {"type": "string", "description": "raw text"},
+                    "add_special_tokens": special}, ("prompt",)), "not": {"required": ["messages"]}},
+        {**_object({"model": model, "messages": chat_messages}, ("messages",)), "not": {"required": ["prompt"]}},
+    ]}
+    paths.setdefault("/tokenize", {}).setdefault("post", {}).update({
+        "summary": "Token ids of a text or of chat messages (vLLM's shape)",
+        "description": "`prompt`: the text's tokens; `messages`: the OpenAI chat messages rendered with the chat "
+                       "template, exactly as /v1/chat/completions would compute them.",
+        "requestBody": {"required": True, "content": {JSON: {"schema": tokenize_body}}},
+        "responses": {"200": _json_response("the tokens", _object(
+            {"count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+             "tokens": {"type": "array", "items": {"type": "integer"}}}, ("count", "max_model_len", "tokens"))),
+            **_errors(False, 400, 404, 413)},
+    })
+    token_id = {"type": "integer", "minimum": 0, **({"maximum": vocab_size - 1} if vocab_size else {})}
+    paths.setdefault("/detokenize", {}).setdefault("post", {}).update({
+        "summary": "The text of token ids (vLLM's shape); special tokens included",
+        "requestBody": {"required": True, "content": {JSON: {"schema": _object(
+            {"model": model, "tokens": {"type": "array", "items": token_id, "maxItems": max_model_len}},
+            ("tokens",))}}},
+        "responses": {"200": _json_response("the text", _object({"prompt": {"type": "string"}}, ("prompt",))),
+                      **_errors(False, 400, 404, 413)},
+    })
+
     module_body = _object({
         "text": {"type": "string", "minLength": 1, "description": "the module's text, tokenized on its own"},
         "id": _nullable({**MODULE_ID, "description": "its id (default: a generated mod_... id); registering an id "
