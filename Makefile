@@ -48,6 +48,7 @@ bench: setup redis
 	for w in rag system-prompt chat trace; do $(VENV)/bin/promptstash bench $$w --dtype float32 --out benchmarks/results || exit 1; done
 	$(VENV)/bin/promptstash bench rag --modules --dtype float32 --out benchmarks/results
 	$(VENV)/bin/promptstash bench modules --out benchmarks/results
+	$(VENV)/bin/promptstash bench grammar --out benchmarks/results
 	$(VENV)/bin/promptstash bench agent --out benchmarks/results
 	$(VENV)/bin/promptstash bench summary --out benchmarks/results
 

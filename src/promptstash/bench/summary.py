@@ -106,6 +106,16 @@ def render(out_dir: Path) -> str:
                   f"| TTFT mean | {on['ttft_mean_s']:.2f} s | {off['ttft_mean_s']:.2f} s |",
                   f"| cached / prompt tokens | {on['hit_rate']:.0%} | {off['hit_rate']:.0%} |", "",
                   f"Speedup {agent['speedup_wall']:.2f}× (total time). Per step: [agent.md](agent.md).", ""]
+    grammar = json.loads((out_dir / "grammar.json").read_text()) if (out_dir / "grammar.json").exists() else None
+    if grammar is not None:
+        lines += ["## Constrained decoding (`bench grammar`)", "",
+                  "| grammar | free tok/s | constrained tok/s | grammar share of a step | output parses |",
+                  "|---|---:|---:|---:|---|"]
+        for row in grammar["decode"]:
+            share = row["step_us"] * 1e-6 * row["constrained_tok_s"]
+            lines.append(f"| {row['case']} | {row['free_tok_s']:.1f} | {row['constrained_tok_s']:.1f} | {share:.3%} | "
+                         f"{'yes' if row['valid'] else 'no'} |")
+        lines += ["", "Compile times and llguidance vs xgrammar schema coverage: [grammar.md](grammar.md).", ""]
     lines += ["Other results: [prefix caching vs transformers](prefix.md), [tiers](tiers.md), [modules: quality and "
               "speed of every repair strategy](modules.md), [rag with modules](workload-rag-modules.md).", ""]
     return "\n".join(lines)
