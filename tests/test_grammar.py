@@ -19,7 +19,7 @@ from promptstash.engine.grammar import Constraint, GrammarSpec, GrammarViolation
 from promptstash.errors import InvalidRequestError
 from promptstash.models.loader import default_cache_dir
 from promptstash.models.tokenizer import Tokenizer
-from promptstash.tools import ToolDef, parse_tool_calls
+from promptstash.tools import CALL_END, ToolDef, parse_tool_calls
 
 PERSON = {
     "type": "object",
@@ -233,6 +233,138 @@ def test_errors_name_the_problem(tiny: tuple[Tokenizer, Walker], spec: GrammarSp
     assert "<state>" not in str(info.value) and len(str(info.value)) < 700
 
 
+def _json_layout_ok(text: str) -> bool:
+    """JSON text laid out as json.dumps does by default: ", " and ": " and no other whitespace."""
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    return (re.search(r"\s", bare.replace(", ", ",").replace(": ", ":")) is None
+            and re.search(r"[,:](?! )", bare) is None)
+
+
+def _accepts(tokenizer: Tokenizer, spec: GrammarSpec, text: str, complete: bool = True) -> bool:
+    """The grammar lets `text` (encoded in one go) through, and then EOS (when `complete`)."""
+    (eos,) = tokenizer.eos_token_ids
+    constraint = compile_grammar(spec, tokenizer, tokenizer.vocab_size + 7).constraint()
+    for token in tokenizer.encode(text):
+        allowed = constraint.allowed()
+        if allowed is not None and not allowed[token]:
+            return False
+        constraint.accept(token)
+    allowed = constraint.allowed()
+    return not complete or constraint.finished or allowed is None or bool(allowed[eos])
+
+
+def test_json_has_the_layout_of_json_dumps(tiny: tuple[Tokenizer, Walker]) -> None:
+    """NOTE in engine/grammar.py: a call generated so renders back (tojson) to the same text."""
+    tokenizer, walker = tiny
+    for schema in (PERSON, NESTED, None):
+        compiled = compile_grammar(GrammarSpec.json_schema(schema), tokenizer, _vocab(tiny))
+        for seed in range(4):
+            text = walker.text(walker.walk(compiled.constraint(), seed)[0])
+            assert _json_layout_ok(text), text
+    compiled = compile_grammar(GrammarSpec.tool_calls(TOOLS, "required"), tokenizer, _vocab(tiny))
+    for seed in range(4):
+        for call in parse_tool_calls(walker.text(walker.walk(compiled.constraint(), seed, max_steps=800)[0]))[1]:
+            assert _json_layout_ok(call.arguments), call
+    spec = GrammarSpec.json_schema(PERSON)
+    assert _accepts(tokenizer, spec, '{"name": "ab", "age": 3, "tags": ["a", "b"], "ok": true}')
+    for other in ('{"name":"ab", "age": 3, "tags": ["a", "b"], "ok": true}',
+                  '{ "name": "ab", "age": 3, "tags": ["a", "b"], "ok": true}',
+                  '{"name": "ab", "age": 3, "tags": ["a","b"], "ok": true}',
+                  '{"name": "a\\/", "age": 3, "tags": [], "ok": true}',
+                  '{"name": "ab", "age": 3, "tags": [], "ok": true}\n'):
+        assert not _accepts(tokenizer, spec, other), other
+
+
+def test_generated_tool_call_renders_back_to_the_same_tokens(tmp_path: Path) -> None:
+    """The next agent step's prompt starts with this step's prompt and the generated call: the prefix cache
+    runs through the call."""
+    engine = tiny_chat_engine(tmp_path)
+    tools = [ToolDef(t.name, t.description, t.parameters) for t in TOOLS]
+    messages: list[dict] = [{"role": "system", "content": "hello world"}, {"role": "user", "content": "weather?"}]
+    first = engine.render(messages, tools=tools).token_ids
+    spec = GrammarSpec.tool_calls(tools, "required", parallel=False)
+    for seed in range(3):
+        done = engine.generate(first, grammar=spec, temperature=1.0, seed=seed, max_tokens=300)
+        assert done.finish_reason == "stop", done
+        _, calls = parse_tool_calls(done.text)
+        history = [*messages, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": calls[0].id, "type": "function",
+             "function": {"name": calls[0].name, "arguments": calls[0].arguments}}]},
+            {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"}]
+        second = engine.render(history, tools=tools).token_ids
+        call_text = done.text[: done.text.index(CALL_END) + len(CALL_END)]
+        prefix = engine.tokenizer.decode(second, skip_special_tokens=False)
+        assert prefix.startswith(engine.tokenizer.decode(first, skip_special_tokens=False) + call_text)
+        canonical = engine.tokenizer.encode(call_text)  # what a model writing canonical tokens generates
+        assert second[: len(first) + len(canonical)] == [*first, *canonical], seed
+        if list(done.token_ids[: len(canonical)]) == canonical:
+            assert second[: len(first) + len(canonical)] == [*first, *done.token_ids[: len(canonical)]]
+
+
+def test_auto_bare_call_free_text_or_tagged_calls(tiny: tuple[Tokenizer, Walker]) -> None:
+    tokenizer, walker = tiny
+    names = [t.name for t in TOOLS]
+    spec = GrammarSpec.tool_calls(TOOLS, "auto", parallel=True)
+    bare = '{"name": "get_time", "arguments": {"tz": "UTC"}}'
+    call = "<tool_call>\n" + bare + "\n</tool_call>"
+    for text in (bare, "\n " + bare, "hello {world}", "hello " + call, call, "", "  hi"):
+        assert _accepts(tokenizer, spec, text), text
+    for text in ('{"answer": 1}', '{"name": "nope", "arguments": {}}', " {x", bare + " more", bare + "\n" + call,
+                 '{"name": "get_time", "arguments": {"tz": "utc"}}', '{"name":"get_time", "arguments": {}}'):
+        assert not _accepts(tokenizer, spec, text), text
+    constraint = compile_grammar(spec, tokenizer, _vocab(tiny)).constraint()
+    for token in tokenizer.encode('{"'):
+        constraint.accept(token)
+    for seed in range(4):
+        fork = constraint.fork()
+        ids, _ = walker.walk(fork, seed, max_steps=800)
+        content, calls = parse_tool_calls('{"' + walker.text(ids), names)
+        assert content == "" and len(calls) == 1 and fork.finished
+
+
+def test_auto_with_a_text_schema(tiny: tuple[Tokenizer, Walker]) -> None:
+    tokenizer, walker = tiny
+    answer = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 6}},
+              "required": ["answer"], "additionalProperties": False}
+    spec = GrammarSpec.tool_calls(TOOLS, "auto", parallel=False, text_schema=answer)
+    bare = '{"name": "get_time", "arguments": {"tz": "UTC"}}'
+    for text in ('{"answer": "hi"}', bare, "<tool_call>\n" + bare + "\n</tool_call>"):
+        assert _accepts(tokenizer, spec, text), text
+    for text in ("hello", '{"answer": 1}', '{"answer":"hi"}', 'hi <tool_call>\n' + bare + "\n</tool_call>"):
+        assert not _accepts(tokenizer, spec, text), text
+    names = [t.name for t in TOOLS]
+    compiled = compile_grammar(spec, tokenizer, _vocab(tiny))
+    for seed in range(6):
+        text = walker.text(walker.walk(compiled.constraint(), seed, max_steps=800)[0])
+        content, calls = parse_tool_calls(text, names)
+        assert calls or (jsonschema.validate(json.loads(content), answer) is None and _json_layout_ok(content))
+    any_object = GrammarSpec.tool_calls(TOOLS, "auto", text_schema={"type": "object"})
+    assert _accepts(tokenizer, any_object, '{"x": [1, 2]}') and not _accepts(tokenizer, any_object, "[1]")
+    required = GrammarSpec.tool_calls(TOOLS, "required", text_schema=answer)  # a call is forced: no text
+    assert _accepts(tokenizer, required, "<tool_call>\n" + bare + "\n</tool_call>")
+    assert not _accepts(tokenizer, required, '{"answer": "hi"}', complete=False)
+    with pytest.raises(InvalidRequestError, match="the output format's schema could not be compiled"):
+        compile_grammar(GrammarSpec.tool_calls(TOOLS, "required", text_schema={"type": "strng"}), tokenizer,
+                        _vocab(tiny))
+
+
+def test_a_repeated_call_finishes(tiny: tuple[Tokenizer, Walker]) -> None:
+    tokenizer, _ = tiny
+    one = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+    two = one.replace("UTC", "CET")
+    for mode in ("required", "auto"):
+        spec = GrammarSpec.tool_calls(TOOLS, mode, parallel=True)
+        constraint = compile_grammar(spec, tokenizer, _vocab(tiny)).constraint()
+        for token in tokenizer.encode(one + "\n" + two + "\n"):
+            constraint.accept(token)
+        assert not constraint.finished  # two different calls; more may follow
+        fork = constraint.fork()
+        for token in tokenizer.encode(one):
+            assert not constraint.finished
+            constraint.accept(token)
+        assert constraint.finished and not fork.finished
+
+
 def test_engine_generates_schema_valid_json(tmp_path: Path) -> None:
     """Random weights: every sample is whatever the mask lets through, and still parses."""
     engine = tiny_chat_engine(tmp_path)
@@ -285,8 +417,11 @@ def test_qwen_tool_calls(qwen: tuple[Tokenizer, Walker]) -> None:
     assert content == "" and calls
 
     auto = compile_grammar(GrammarSpec.tool_calls(TOOLS, "auto", parallel=False), tokenizer, QWEN_VOCAB).constraint()
-    for token in tokenizer.encode("Let me look that up."):
-        assert auto.allowed() is None  # free text costs nothing
+    first = auto.allowed()  # the output's form: a bare call, free text or a tagged call
+    assert first[tokenizer.encode("Let")[0]] and first[call_start] and first[151645]
+    assert first[tokenizer.encode(' {"')[0]] and not first[tokenizer.encode("{}")[0]]
+    for i, token in enumerate(tokenizer.encode("Let me look that up.")):
+        assert i == 0 or auto.allowed() is None  # free text costs nothing
         auto.accept(token)
     fork = auto.fork()
     auto.accept(call_start)

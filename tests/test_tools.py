@@ -39,6 +39,22 @@ SAMPLES = [
     # cut short by max_tokens inside the arguments
     'I will call <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
 ]
+NAMES = ("get_weather", "f", "search")
+BARE = '{"name": "get_weather", "arguments": {"city": "Lima", "unit": "c"}}'
+BARE_SAMPLES = [
+    BARE,
+    "\n " + BARE + "\n",
+    '{ "name" : "f", "arguments" : "{\\"k\\": 1}" }',
+    BARE + " and more",  # not one bare call: text
+    '{"name": "nope", "arguments": {}}',  # not a tool
+    '{"answer": 42, "name": "get_weather"}',  # a JSON text (an output format), not a call
+    '{"name": "get_weather"}',
+    BARE[:-8],  # cut short
+    BARE + "\n" + WEATHER,
+    # repeated calls: the repeat is dropped, a different one kept
+    WEATHER + "\n" + WEATHER + "\n" + WEATHER.replace("Paris", "Oslo"),
+    WEATHER + "\n" + WEATHER.replace('"Paris", "unit": "c"', '"Paris",  "unit":"c"'),
+]
 
 
 def _collect(events: list[ToolEvent]) -> tuple[str, list[tuple[str, str]]]:
@@ -64,8 +80,9 @@ def _collect(events: list[ToolEvent]) -> tuple[str, list[tuple[str, str]]]:
     return text, [(names[i], args[i]) for i in sorted(names)]
 
 
-def _stream(pieces: list[str]) -> tuple[str, list[tuple[str, str]], ToolCallStream]:
-    stream = ToolCallStream()
+def _stream(pieces: list[str], names: tuple[str, ...] | None = None
+            ) -> tuple[str, list[tuple[str, str]], ToolCallStream]:
+    stream = ToolCallStream(names)
     events: list[ToolEvent] = []
     for piece in pieces:
         events += stream.feed(piece)
@@ -122,17 +139,72 @@ def test_call_cut_short_keeps_what_was_written() -> None:
     assert _plain(calls) == [("get_weather", '{"city": "Par')]
 
 
-@pytest.mark.parametrize("sample", SAMPLES)
-def test_stream_matches_parse_at_every_split(sample: str) -> None:
-    content, calls = parse_tool_calls(sample)
+@pytest.mark.parametrize("names", [None, NAMES], ids=["no-names", "names"])
+@pytest.mark.parametrize("sample", SAMPLES + BARE_SAMPLES)
+def test_stream_matches_parse_at_every_split(sample: str, names: tuple[str, ...] | None) -> None:
+    content, calls = parse_tool_calls(sample, names)
     expected = (content, _plain(calls))
     for cut in range(len(sample) + 1):
-        got_content, got_calls, stream = _stream([sample[:cut], sample[cut:]])
+        got_content, got_calls, stream = _stream([sample[:cut], sample[cut:]], names)
         assert (got_content, got_calls) == expected, cut
         assert (stream.content, _plain(stream.calls)) == expected
     for cut in range(1, len(sample)):  # three pieces, the middle one a single character
-        assert _stream([sample[:cut], sample[cut], sample[cut + 1:]])[:2] == expected
-    assert _stream(list(sample))[:2] == expected
+        assert _stream([sample[:cut], sample[cut], sample[cut + 1:]], names)[:2] == expected
+    assert _stream(list(sample), names)[:2] == expected
+
+
+def test_bare_call_needs_the_tool_names() -> None:
+    assert parse_tool_calls(BARE) == (BARE, [])
+    for sample in (BARE, "\n " + BARE + "\n"):
+        assert _plain(parse_tool_calls(sample, NAMES)[1]) == [("get_weather", '{"city": "Lima", "unit": "c"}')]
+        assert parse_tool_calls(sample, NAMES)[0] == ""
+    assert _plain(parse_tool_calls(BARE_SAMPLES[2], NAMES)[1]) == [("f", '{"k": 1}')]
+    assert _plain(parse_tool_calls(BARE_SAMPLES[6], NAMES)[1]) == []  # no arguments: not the bare form
+
+
+def test_bare_lookalikes_stay_text() -> None:
+    for sample in BARE_SAMPLES[3:6]:
+        assert parse_tool_calls(sample, NAMES) == (sample, [])
+
+
+def test_bare_call_cut_short_is_a_call() -> None:
+    content, calls = parse_tool_calls(BARE[:-8], NAMES)
+    assert (content, _plain(calls)) == ("", [("get_weather", '{"city": "Lima", "unit')])
+
+
+def test_stream_holds_a_bare_call_only_while_it_may_be_one() -> None:
+    stream = ToolCallStream(NAMES)
+    assert stream.feed(BARE[:-1]) == []
+    assert stream.feed("}") == []  # more text may follow: then it is text
+    events = stream.finish()
+    assert [type(e) for e in events] == [CallStart, ArgsDelta, CallEnd]
+    assert events[1].text == '{"city": "Lima", "unit": "c"}'
+    stream = ToolCallStream(NAMES)
+    assert stream.feed(' {"na') == []
+    assert stream.feed('me": "sea') == []
+    assert stream.feed('rch_all", "arguments"') == [TextDelta('{"name": "search_all", "arguments"')]
+    stream = ToolCallStream(NAMES)
+    assert stream.feed('{"answer": 4') == [TextDelta('{"answer": 4')]  # a JSON text streams on
+    stream = ToolCallStream(NAMES)
+    assert stream.feed("Sure: ") == [TextDelta("Sure:")]
+    assert stream.feed(BARE) == [TextDelta(" " + BARE)]  # a bare call only as the whole output
+
+
+def test_repeated_calls_are_dropped_and_held_until_complete() -> None:
+    content, calls = parse_tool_calls(BARE_SAMPLES[9])
+    assert content == "" and [json.loads(c.arguments)["city"] for c in calls] == ["Paris", "Oslo"]
+    assert len(parse_tool_calls(BARE_SAMPLES[10])[1]) == 1  # equal as JSON values, written differently
+    stream = ToolCallStream()
+    events = stream.feed(WEATHER[:-12])
+    assert [type(e) for e in events] == [CallStart, ArgsDelta]  # the first call streams
+    stream.feed(WEATHER[-12:] + "\n")
+    assert stream.feed(WEATHER[:-12]) == []  # a second call is held until complete
+    assert stream.feed(WEATHER[-12:]) == []  # ... and dropped: it repeats the first
+    other = WEATHER.replace("Paris", "Oslo")
+    assert stream.feed("\n" + other[:-12]) == []
+    events = stream.feed(other[-12:])
+    assert [type(e) for e in events] == [CallStart, ArgsDelta, CallEnd] and events[0].index == 1
+    assert stream.finish() == [] and len(stream.calls) == 2
 
 
 def test_stream_emits_early_and_holds_back_only_a_possible_tag() -> None:

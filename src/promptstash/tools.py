@@ -18,6 +18,14 @@ CONTRACT (shared by the chat template rendering, the grammar and both APIs):
   are written; from then on it is a call even if cut short (max_tokens): its arguments are what was written.
   A call written another way (keys in another order, extra keys) is recognised when its `</tool_call>`
   arrives and the body parses as a JSON object with a string "name"; one that never parses stays text.
+- Bare calls: given the tool names (`names=`), an output that is, apart from surrounding whitespace, one JSON
+  object `{"name": "<one of names>", "arguments": {...}}` (no tags; small models often answer so, and the
+  tool_calls grammar of mode auto allows it) is that one call. Streaming holds an output starting with "{"
+  back while it can still be a bare call (so a JSON text is held only until its first key or name differs),
+  and emits the call at the end. Cut short inside the arguments, it is still a call (as a tagged one).
+- A call identical to an earlier call of the same output (same name, arguments equal as JSON values) is
+  dropped: a small model may repeat a call (the grammar stops generation there). Streaming therefore holds
+  every call after the first until it is complete.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +147,10 @@ def _raw_member(text: str, key: str) -> str:
 class ToolCallStream:
     """Splits a model's output, given as text deltas, into content text and tool calls (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Iterable[str] | None = None) -> None:
+        self._names = None if names is None else frozenset(names)
+        self._bare_open = self._names is not None  # the output may still be a bare call (nothing decided yet)
+        self._held: list[ToolEvent] | None = None  # the events of a call after the first, until it is complete
         self._pending = ""  # text not yet emitted (TEXT) or the call's body so far (CALL)
         self._in_call = False
         self._held_space = ""  # whitespace after the content so far: emitted only if more content follows
@@ -181,6 +193,8 @@ class ToolCallStream:
 
     def _step(self, events: list[ToolEvent], final: bool) -> bool:
         """Consume what can be decided now; True when called again may make progress."""
+        if self._bare_open:
+            return self._bare(events, final)
         if not self._in_call:
             start = self._pending.find(CALL_START)
             if start < 0:
@@ -213,40 +227,79 @@ class ToolCallStream:
         self._end_call(events)
         return True
 
+    def _bare(self, events: list[ToolEvent], final: bool) -> bool:
+        """At the start of the output, with tool names: hold what may be a bare call, emit it once complete."""
+        assert self._names is not None
+        if not self._pending.strip() and not final:
+            return False
+        if self._pending.lstrip().startswith("{"):
+            found = _bare_call(self._pending, self._names, final)
+            if found == "hold":
+                return False
+            if isinstance(found, tuple):
+                self._bare_open = False
+                self._pending = ""
+                self._whole(events, *found)
+                return False
+        self._bare_open = False
+        return True
+
     def _head(self, events: list[ToolEvent]) -> bool:
         match = _HEAD.match(self._pending)
         if match is not None and match.end() < len(self._pending):
             self._call = (self._index, new_call_id(), json.loads(match.group(1)))
             self._index += 1
-            events.append(CallStart(*self._call))
+            if self.calls:
+                self._held = []
+            self._call_event(events, CallStart(*self._call))
             self._pending = self._pending[match.end():]
             return True
         end = self._pending.find(CALL_END)
         while end >= 0:
             whole = _whole_call(self._pending[:end])
             if whole is not None:
-                index, call_id = self._index, new_call_id()
-                self._index += 1
-                events += [CallStart(index, call_id, whole[0]), ArgsDelta(index, whole[1]), CallEnd(index)]
-                self.calls.append(ToolCall(call_id, whole[0], whole[1]))
+                self._whole(events, *whole)
                 self._pending = self._pending[end + len(CALL_END):]
                 self._in_call = False
                 return True
             end = self._pending.find(CALL_END, end + 1)
         return False
 
+    def _whole(self, events: list[ToolEvent], name: str, arguments: str) -> None:
+        """A call known whole at once (emitted unless it repeats an earlier one)."""
+        call = ToolCall(new_call_id(), name, arguments)
+        if self._repeats(call):
+            return
+        index = self._index
+        self._index += 1
+        events += [CallStart(index, call.id, name), *([ArgsDelta(index, arguments)] if arguments else []),
+                   CallEnd(index)]
+        self.calls.append(call)
+
+    def _call_event(self, events: list[ToolEvent], event: ToolEvent) -> None:
+        (self._held if self._held is not None else events).append(event)
+
     def _args_delta(self, events: list[ToolEvent], text: str) -> None:
         if text and self._call is not None:
             self._args.append(text)
-            events.append(ArgsDelta(self._call[0], text))
+            self._call_event(events, ArgsDelta(self._call[0], text))
 
     def _end_call(self, events: list[ToolEvent]) -> None:
         assert self._call is not None
         index, call_id, name = self._call
-        events.append(CallEnd(index))
-        self.calls.append(ToolCall(call_id, name, "".join(self._args)))
+        call = ToolCall(call_id, name, "".join(self._args))
+        if self._repeats(call):
+            self._index -= 1  # its events were held: nothing was emitted for it
+        else:
+            events += [*(self._held or []), CallEnd(index)]
+            self.calls.append(call)
+        self._held = None
         self._call, self._args, self._scan, self._tail = None, [], _ValueScanner(), ""
         self._in_call = False
+
+    def _repeats(self, call: ToolCall) -> bool:
+        value = _json_value(call.arguments)
+        return any(c.name == call.name and _json_value(c.arguments) == value for c in self.calls)
 
     def _text(self, events: list[ToolEvent], text: str) -> None:
         """Emit content text, holding back trailing whitespace and dropping leading whitespace."""
@@ -325,9 +378,69 @@ class _ValueScanner:
         return used
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """(content, calls) of a finished output: the same as streaming it through ToolCallStream."""
-    stream = ToolCallStream()
+def _json_value(text: str) -> Any:
+    """A JSON text's value (compared to spot a repeated call); text that does not parse stands for itself."""
+    try:
+        return ("json", json.loads(text))
+    except ValueError:
+        return ("text", text)
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _expect(text: str, pos: int, literal: str) -> int | str:
+    """Position after `literal` at `pos` (whitespace skipped first); "hold" if the text ends inside it, "no"."""
+    pos = _skip_space(text, pos)
+    piece = text[pos:pos + len(literal)]
+    if not literal.startswith(piece):
+        return "no"
+    return pos + len(literal) if len(piece) == len(literal) else "hold"
+
+
+def _bare_call(text: str, names: frozenset[str], final: bool) -> tuple[str, str] | str:
+    """Whether `text` (the output so far, starting with "{" after whitespace) is a bare call naming one of
+    `names`: (name, arguments) once decided (only when final), "hold" while it may still be one, else "no"."""
+    pos: int | str = 0
+    for literal in ("{", '"name"', ":"):
+        pos = _expect(text, pos, literal) if isinstance(pos, int) else pos
+    if not isinstance(pos, int):
+        return "no" if final else pos
+    start = _skip_space(text, pos)
+    scan = _ValueScanner()
+    if start == len(text) or text[start] != '"':
+        return "no" if final or start < len(text) else "hold"
+    used = scan.feed(text[start:], final=False)
+    if not scan.done:
+        return "no" if final else "hold"
+    name = json.loads(text[start:start + used])
+    if name not in names:
+        return "no"
+    pos = start + used
+    for literal in (",", '"arguments"', ":"):
+        pos = _expect(text, pos, literal) if isinstance(pos, int) else pos
+    if not isinstance(pos, int):
+        return "no" if final else pos
+    start = _skip_space(text, pos)
+    if start == len(text):
+        return "no" if final else "hold"
+    if text[start] not in '{"':
+        return "no"
+    scan = _ValueScanner()
+    used = scan.feed(text[start:], final)
+    arguments = (scan.string_value or "") if scan.is_string else text[start:start + used].rstrip()
+    rest = text[start + used:].strip()
+    if rest and (rest[0] != "}" or rest[1:].strip()):
+        return "no"
+    return (name, arguments) if final else "hold"
+
+
+def parse_tool_calls(text: str, names: Iterable[str] | None = None) -> tuple[str, list[ToolCall]]:
+    """(content, calls) of a finished output: the same as streaming it through ToolCallStream(names)."""
+    stream = ToolCallStream(names)
     stream.feed(text)
     stream.finish()
     return stream.content, stream.calls

@@ -17,15 +17,31 @@ CONTRACT
     fork()            -- an independent copy in the same state (n > 1 samples share a prompt)
 
 Implemented with llguidance (Earley parser + lazy lexer over the token trie; ~20-40 us per mask for the
-JSON schemas of bench grammar). JSON whitespace is bounded (at most 48 whitespace characters between two
-tokens of JSON), so a small model cannot loop on newlines inside a structured output.
+JSON schemas of bench grammar).
+
+Constrained JSON (json_schema, tool-call arguments, a tool_calls text_schema) has one layout: json.dumps'
+default separators ", " and ": " and no other whitespace (`{"a": [1, 2], "b": {}}`); strings use only the
+escapes json.dumps writes (no "\\/", no "\\u" for printable characters).
+NOTE why: chat templates write a tool call in the history as `{"name": ..., "arguments": args | tojson}`, and
+tojson is json.dumps with its default separators. A call generated in exactly that form renders back to the
+same text, so the next agent step's prompt starts with the previous prompt plus the generated tokens and the
+prefix cache runs through the call. Flexible whitespace would also let a small model pad every gap.
 
 Tool calls use the Hermes / Qwen2.5 format (promptstash.tools):
     <tool_call>\\n{"name": "<name>", "arguments": <JSON for that tool's parameters>}\\n</tool_call>
-mode required / named: one call (several, separated by "\\n", when parallel), then EOS. mode auto: free text,
-until the model starts a call; from there the call must be well formed and only further calls (if parallel)
-or EOS may follow. When `<tool_call>` is one token (Qwen2.5), auto mode is unconstrained (allowed() None)
-until that token is sampled.
+mode required / named: one call (several, separated by "\\n", when parallel), then EOS. Parallel calls: a
+call identical (name and arguments) to an earlier one in the same output makes the constraint `finished`
+(the engine stops; promptstash.tools drops the repeat), so a model cannot loop on one call.
+mode auto: the output is one of
+  - a bare call: optional whitespace, `{"name": "<a tool>", "arguments": <its JSON>}` (no tags), then EOS;
+    that is, an output whose first non-whitespace character is "{" must be such a call (small models often
+    answer with the bare form; promptstash.tools recognises it given the tool names);
+  - free text (first non-whitespace character not "{"), until the model starts a tagged call; from there the
+    call must be well formed and only further calls (if parallel) or EOS may follow;
+  - with `text_schema`: instead of free text, JSON matching text_schema (a JSON output format together with
+    tools), or tagged calls only.
+When `<tool_call>` is one token (Qwen2.5) and there is no text_schema, auto mode is constrained only until the
+first non-whitespace character: free text is then unconstrained (allowed() None) until `<tool_call>` is sampled.
 """
 
 from __future__ import annotations
@@ -58,10 +74,13 @@ class GrammarSpec:
     tool_mode: str = "auto"  # tool_calls: auto (text or calls) | required (at least one call) | named
     tool_name: str | None = None  # tool_calls, mode "named": the one function to call
     parallel: bool = True  # tool_calls: more than one call allowed
+    text_schema: str | None = None  # tool_calls, mode auto: JSON of the schema text must match instead of free
+    #                                 text (a JSON output format with tools); None: free text. Checked (a bad
+    #                                 schema is an error) but not used in modes required / named: a call is forced.
 
     @property
     def key(self) -> str:
-        text = json.dumps([self.kind, self.source, self.tool_mode, self.tool_name, self.parallel])
+        text = json.dumps([self.kind, self.source, self.tool_mode, self.tool_name, self.parallel, self.text_schema])
         return hashlib.sha256(text.encode()).hexdigest()
 
     @classmethod
@@ -78,11 +97,12 @@ class GrammarSpec:
         return cls("choice", json.dumps(list(choices)))
 
     @classmethod
-    def tool_calls(cls, tools: list[Any], mode: str = "auto", name: str | None = None,
-                   parallel: bool = True) -> GrammarSpec:
-        """tools: ToolDefs (promptstash.tools)."""
+    def tool_calls(cls, tools: list[Any], mode: str = "auto", name: str | None = None, parallel: bool = True,
+                   text_schema: dict[str, Any] | bool | None = None) -> GrammarSpec:
+        """tools: ToolDefs (promptstash.tools); text_schema: see the field ({"type": "object"}: any object)."""
         source = _canonical([{"name": t.name, "parameters": t.parameters} for t in tools])
-        return cls("tool_calls", source, mode, name, parallel)
+        text = None if text_schema is None else _canonical(text_schema)
+        return cls("tool_calls", source, mode, name, parallel, text)
 
 
 def _canonical(value: Any) -> str:
@@ -107,7 +127,8 @@ class GrammarViolation(RuntimeError):
     """A token the grammar does not allow was accepted (the sampler did not apply the mask)."""
 
 
-_JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,48}"}
+_JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}  # see NOTE above
+_WHITESPACE = b" \t\r\n"
 _UNSUPPORTED = ("Unimplemented key", "Unknown format", "not supported", "nsupported")
 
 
@@ -126,20 +147,30 @@ class _Compiled:
     """A grammar compiled for one tokenizer and model vocabulary size."""
 
     def __init__(self, spec: GrammarSpec, vocab: _Vocab, vocab_size: int, matcher: llguidance.LLMatcher,
-                 trigger: int | None = None) -> None:
+                 rest: llguidance.LLMatcher | None = None, text: llguidance.LLMatcher | None = None) -> None:
         self.spec = spec
         self.vocab = vocab
         self.vocab_size = vocab_size
         self._matcher = matcher  # never advanced: each constraint starts from a copy
-        self.trigger = trigger  # auto tool mode: free text until this token, then the matcher
+        self._rest = rest  # auto tool mode with a one-token <tool_call>: the calls after that token
+        self._text = text  # auto tool mode with a text_schema: the JSON text, the alternative to `matcher`
+        self.trigger = vocab.call_start if rest is not None else None
 
     def constraint(self) -> Constraint:
-        if self.trigger is not None:
-            return _TriggeredConstraint(self, None)
-        return self.matcher_constraint()
+        if self.spec.kind != "tool_calls":
+            return self.matcher_constraint()
+        log = _CallLog(self.vocab) if self.spec.parallel else None
+        inner: _MatcherConstraint | _UnionConstraint = self.matcher_constraint()
+        if self._text is not None:
+            inner = _UnionConstraint([inner, _MatcherConstraint(self, self._text.deep_copy())])
+        return _ToolConstraint(self, inner, self.trigger is not None, log)
 
     def matcher_constraint(self) -> _MatcherConstraint:
         return _MatcherConstraint(self, self._matcher.deep_copy())
+
+    def rest_constraint(self) -> _MatcherConstraint:
+        assert self._rest is not None
+        return _MatcherConstraint(self, self._rest.deep_copy())
 
 
 class _MatcherConstraint:
@@ -176,30 +207,147 @@ class _MatcherConstraint:
         return _MatcherConstraint(self._grammar, self._matcher.deep_copy())
 
 
-class _TriggeredConstraint:
-    """Auto tool mode with a one-token `<tool_call>`: unconstrained until it is sampled, then a call matcher."""
+class _UnionConstraint:
+    """Output allowed by any of several matchers (llguidance cannot choose between a literal and a nested JSON
+    grammar at one position: the calls and a JSON text both start with "{"). Each token advances the matchers
+    that allow it; the others are dropped."""
 
-    __slots__ = ("_grammar", "_inner")
+    __slots__ = ("_alive",)
 
-    def __init__(self, grammar: _Compiled, inner: _MatcherConstraint | None) -> None:
+    def __init__(self, alive: list[_MatcherConstraint]) -> None:
+        self._alive = alive
+
+    def allowed(self) -> torch.Tensor:
+        masks = [m.allowed() for m in self._alive]
+        mask = masks[0]
+        for other in masks[1:]:
+            mask |= other
+        return mask
+
+    def accept(self, token_id: int) -> None:
+        alive, error = [], None
+        for matcher in self._alive:
+            try:
+                matcher.accept(token_id)
+            except GrammarViolation as exc:
+                error = exc
+            else:
+                alive.append(matcher)
+        if not alive:
+            assert error is not None
+            raise error
+        self._alive = alive
+
+    @property
+    def finished(self) -> bool:
+        return all(m.finished for m in self._alive)
+
+    def fork(self) -> _UnionConstraint:
+        return _UnionConstraint([m.fork() for m in self._alive])
+
+
+class _ToolConstraint:
+    """A tool_calls grammar for one sequence. `_inner` is the matcher, or None in unconstrained free text (auto
+    mode with a one-token <tool_call>: the matcher of the calls starts when that token is sampled); `_open`:
+    auto mode with that token, nothing but whitespace written yet (the matcher decides between a bare call,
+    free text and a tagged call); `_log`: the calls so far (parallel calls), to stop at a repeated one."""
+
+    __slots__ = ("_grammar", "_inner", "_open", "_log")
+
+    def __init__(self, grammar: _Compiled, inner: _MatcherConstraint | _UnionConstraint | None, open_: bool,
+                 log: _CallLog | None) -> None:
         self._grammar = grammar
         self._inner = inner
+        self._open = open_
+        self._log = log
 
     def allowed(self) -> torch.Tensor | None:
         return None if self._inner is None else self._inner.allowed()
 
     def accept(self, token_id: int) -> None:
-        if self._inner is not None:
-            self._inner.accept(token_id)
-        elif token_id == self._grammar.trigger:
-            self._inner = self._grammar.matcher_constraint()
+        grammar = self._grammar
+        if self._log is not None:
+            self._log.push(token_id)
+        if self._inner is None:
+            if token_id == grammar.trigger:
+                self._inner = grammar.rest_constraint()
+            return
+        self._inner.accept(token_id)
+        if self._open:
+            if token_id == grammar.trigger:
+                self._open = False
+            elif text := grammar.vocab.lltok.decode_bytes([token_id]).lstrip(_WHITESPACE):
+                self._open = False
+                if not text.startswith(b"{"):
+                    self._inner = None  # free text: unconstrained until <tool_call>
 
     @property
     def finished(self) -> bool:
-        return self._inner is not None and self._inner.finished
+        return (self._inner is not None and self._inner.finished) or (self._log is not None and self._log.repeated)
 
-    def fork(self) -> _TriggeredConstraint:
-        return _TriggeredConstraint(self._grammar, None if self._inner is None else self._inner.fork())
+    def fork(self) -> _ToolConstraint:
+        return _ToolConstraint(self._grammar, None if self._inner is None else self._inner.fork(), self._open,
+                               None if self._log is None else self._log.fork())
+
+
+_CALL_START_BYTES = CALL_START.encode()
+_CALL_END_BYTES = CALL_END.encode()
+
+
+class _CallLog:
+    """The tool calls of one output so far; `repeated` once a call is identical (name and arguments, as JSON
+    values) to an earlier one. Text outside calls is only looked at when the markers are not single tokens."""
+
+    __slots__ = ("_vocab", "_text", "_in_call", "_seen", "repeated")
+
+    def __init__(self, vocab: _Vocab) -> None:
+        self._vocab = vocab
+        self._text = bytearray()
+        self._in_call = False
+        self._seen: list[Any] = []
+        self.repeated = False
+
+    def push(self, token_id: int) -> None:
+        vocab = self._vocab
+        if vocab.call_start is not None and vocab.call_end is not None:
+            if token_id == vocab.call_start:
+                self._in_call, self._text = True, bytearray()
+            elif token_id == vocab.call_end:
+                self._in_call = False
+                self._ended(bytes(self._text))
+            elif self._in_call:
+                self._text += vocab.lltok.decode_bytes([token_id])
+            return
+        self._text += vocab.lltok.decode_bytes([token_id])
+        while True:
+            start = self._text.find(_CALL_START_BYTES)
+            if start < 0:
+                del self._text[: max(0, len(self._text) - len(_CALL_START_BYTES) + 1)]
+                return
+            end = self._text.find(_CALL_END_BYTES, start + len(_CALL_START_BYTES))
+            if end < 0:
+                del self._text[:start]
+                return
+            self._ended(bytes(self._text[start + len(_CALL_START_BYTES):end]))
+            del self._text[: end + len(_CALL_END_BYTES)]
+
+    def _ended(self, body: bytes) -> None:
+        try:
+            value = json.loads(body)
+            key: Any = (value.get("name"), json.dumps(value.get("arguments"), sort_keys=True)) \
+                if isinstance(value, dict) else body.strip()
+        except ValueError:
+            key = body.strip()
+        if key in self._seen:
+            self.repeated = True
+        else:
+            self._seen.append(key)
+
+    def fork(self) -> _CallLog:
+        copy = _CallLog(self._vocab)
+        copy._text, copy._in_call, copy._seen, copy.repeated = bytearray(self._text), self._in_call, \
+            list(self._seen), self.repeated
+        return copy
 
 
 class _TokenizerGrammars:
@@ -395,6 +543,12 @@ def _compile_tools(spec: GrammarSpec, vocab: _Vocab, vocab_size: int) -> _Compil
             raise _schema_problem(what, error)
         head = '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
         rules.append(f"call_{index}: {_literal(head)} args_{index} \"}}\"\nargs_{index}: %json {json.dumps(params)}")
+    text = None
+    if spec.text_schema is not None:
+        what = "the output format's schema"
+        text, error = _matcher(vocab, _from_schema(_with_options(_load(spec.text_schema, what), what), what))
+        if error:
+            raise _schema_problem(what, error)
     start = f"<[{vocab.call_start}]>" if vocab.call_start is not None else _literal(CALL_START)
     end = f"<[{vocab.call_end}]>" if vocab.call_end is not None else _literal(CALL_END)
     more = ' ("\\n" block)*' if spec.parallel else ""
@@ -402,24 +556,36 @@ def _compile_tools(spec: GrammarSpec, vocab: _Vocab, vocab_size: int) -> _Compil
         "call: " + " | ".join(f"call_{i}" for i in range(len(rules))),
         f'block: {start} "\\n" call "\\n" {end}',
         f'rest: "\\n" call "\\n" {end}{more}',
+        "bare: LEAD? call",
+        r"LEAD: /[ \t\r\n]+/",
         *rules,
     ]
-    trigger = None
+    rest = None
     if spec.tool_mode != "auto":
-        lines.insert(0, f"start: block{more}")
+        top = f"start: block{more}"
+    elif text is not None:
+        top = f"start: bare | LEAD? block{more}"  # or the JSON text: a second matcher (_UnionConstraint)
     elif vocab.call_start is not None:
-        lines.insert(0, "start: rest")  # the matcher starts right after the sampled <tool_call> token
-        trigger = vocab.call_start
+        # the matcher decides only the output's form (its first non-whitespace token): free text is then
+        # unconstrained, and the calls after a sampled <tool_call> token get the matcher of `rest`
+        top = f"start: bare | TEXT | LEAD? {start} rest"
+        lines.append(r"TEXT: /(?s:.*)/ & ~/[ \t\r\n]*\{(?s:.*)/")
+        rest = _tool_matcher(vocab, ["start: rest", *lines])
     else:
-        lines[:0] = [
-            "start: TEXT | head rest",
-            f"TEXT: /(?s:.*)/ & ~/(?s:.*){_regex_escape(CALL_START)}(?s:.*)/",
-            f"head[lazy]: /(?s:.*){_regex_escape(CALL_START)}/",
+        top = "start: bare | TEXT | head rest"
+        lines += [
+            rf"TEXT: /(?s:.*)/ & ~/(?s:.*){_regex_escape(CALL_START)}(?s:.*)/ & ~/[ \t\r\n]*\{{(?s:.*)/",
+            rf"head[lazy]: /[ \t\r\n]*([^{{ \t\r\n](?s:.*))?{_regex_escape(CALL_START)}/",
         ]
+    return _Compiled(spec, vocab, vocab_size, _tool_matcher(vocab, [top, *lines]), rest,
+                     text if spec.tool_mode == "auto" else None)
+
+
+def _tool_matcher(vocab: _Vocab, lines: list[str]) -> llguidance.LLMatcher:
     matcher, error = _matcher(vocab, llguidance.LLMatcher.grammar_from_lark("\n".join(lines)))
     if error:
         raise InvalidRequestError(f"tool call grammar could not be compiled: {_reason(error)}")
-    return _Compiled(spec, vocab, vocab_size, matcher, trigger)
+    return matcher
 
 
 def _regex_escape(text: str) -> str:
