@@ -44,21 +44,40 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
-def _no_whitespace(server) -> dict[str, int]:
-    """logit_bias against every whitespace-only token: the random model would otherwise fill each gap the JSON
-    grammar allows with whitespace (up to its bound). Where the format requires a newline, it is still the only
-    allowed token and is chosen."""
+def _brace_first(server) -> dict[str, int]:
+    """logit_bias for every token starting with "{": with tool_choice auto the random model then starts its
+    output with "{", which the grammar makes a bare call (or JSON text in the response_format)."""
     tokenizer = server.engine.tokenizer
-    return {str(i): -100 for i in range(tokenizer.vocab_size)
-            if (text := tokenizer.decode([i], skip_special_tokens=False)) and not text.strip()}
+    return {str(i): 100 for i in range(tokenizer.vocab_size)
+            if tokenizer.decode([i], skip_special_tokens=False).startswith("{")}
 
 
 def _chat(server, client, **kwargs):
     kwargs.setdefault("messages", MESSAGES)
     kwargs.setdefault("max_tokens", 300)
     kwargs.setdefault("temperature", 0)
-    kwargs.setdefault("logit_bias", _no_whitespace(server))
     return client.chat.completions.create(model=server.state.model_name, **kwargs)
+
+
+def _streamed(chunks) -> tuple[str, list[tuple[str, str]], list[str]]:
+    """Content, (name, arguments) per call and finish reasons of a streamed chat completion."""
+    calls: dict[int, dict] = {}
+    reasons, content = [], ""
+    for chunk in chunks:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for delta in c.delta.tool_calls or ():
+                if delta.id is not None:
+                    assert delta.index not in calls
+                    calls[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
+                    assert delta.function.arguments == "" and delta.type == "function"
+                else:
+                    assert delta.function.name is None
+                calls[delta.index]["arguments"] += delta.function.arguments or ""
+            if c.finish_reason is not None:
+                reasons.append(c.finish_reason)
+    assert all(c["id"].startswith("call_") for c in calls.values())
+    return content, [(c["name"], c["arguments"]) for c in calls.values()], reasons
 
 
 def _bad(call, *mentions: str, param: str | None = None) -> str:
@@ -81,16 +100,61 @@ def _check_calls(calls) -> None:
 
 # -- tool calls ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("parallel", [None, True, False])
 def test_required_tool_choice_gives_calls_whose_arguments_validate(server, client, parallel) -> None:
+    """Parallel calls only when asked for; then never the same call twice."""
+    kwargs = {} if parallel is None else {"parallel_tool_calls": parallel}
     with no_errors_logged("promptstash"):
-        response = _chat(server, client, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel)
+        response = _chat(server, client, tools=TOOLS, tool_choice="required", n=3, temperature=1.0, seed=1,
+                         **kwargs)
+    for choice in response.choices:
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.content is None
+        calls = choice.message.tool_calls
+        _check_calls(calls)
+        if not parallel:
+            assert len(calls) == 1
+        keys = [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+        assert all(keys.count(k) == 1 for k in keys), keys
+
+
+def test_auto_takes_a_bare_call(server, client) -> None:
+    """A model answering with a bare {"name", "arguments"} object (no tags) on tool_choice auto made a call."""
+    kwargs = dict(tools=TOOLS, logit_bias=_brace_first(server))
+    with no_errors_logged("promptstash"):
+        response = _chat(server, client, **kwargs)
     choice = response.choices[0]
-    assert choice.finish_reason == "tool_calls", choice
-    assert choice.message.content is None
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
     _check_calls(choice.message.tool_calls)
-    if not parallel:
-        assert len(choice.message.tool_calls) == 1
+    content, calls, reasons = _streamed(_chat(server, client, stream=True, **kwargs))
+    assert content == "" and reasons == ["tool_calls"]
+    assert calls == [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+
+
+def test_tools_with_a_response_format(server, client) -> None:
+    """openai-agents sends both for an agent with tools and an output type: auto gives calls or JSON text in
+    the format; required forces a call."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "final_output", "schema": schema, "strict": True}}
+    seen = set()
+    with no_errors_logged("promptstash"):
+        for extra in ({}, {"logit_bias": _brace_first(server)}):
+            response = _chat(server, client, tools=TOOLS, response_format=fmt, n=4, temperature=1.0, seed=3,
+                             **extra)
+            for choice in response.choices:
+                if choice.message.tool_calls:
+                    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+                    _check_calls(choice.message.tool_calls)
+                    seen.add("call")
+                else:
+                    assert choice.finish_reason == "stop", choice
+                    jsonschema.validate(json.loads(choice.message.content), schema)
+                    seen.add("text")
+        assert seen == {"call", "text"}
+        forced = _chat(server, client, tools=TOOLS, response_format={"type": "json_object"}, tool_choice="required")
+    assert forced.choices[0].finish_reason == "tool_calls"
+    _check_calls(forced.choices[0].message.tool_calls)
 
 
 def test_named_tool_choice_calls_that_function(server, client) -> None:
@@ -105,26 +169,9 @@ def test_named_tool_choice_calls_that_function(server, client) -> None:
 def test_streamed_tool_call_deltas_reassemble_to_the_same_call(server, client) -> None:
     kwargs = dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     whole = _chat(server, client, **kwargs).choices[0].message.tool_calls
-    calls: dict[int, dict] = {}
-    reasons = []
-    content = ""
-    for chunk in _chat(server, client, stream=True, **kwargs):
-        for c in chunk.choices:
-            content += c.delta.content or ""
-            for delta in c.delta.tool_calls or ():
-                if delta.id is not None:
-                    assert delta.index not in calls
-                    calls[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
-                    assert delta.function.arguments == "" and delta.type == "function"
-                else:
-                    assert delta.function.name is None
-                calls[delta.index]["arguments"] += delta.function.arguments or ""
-            if c.finish_reason is not None:
-                reasons.append(c.finish_reason)
+    content, calls, reasons = _streamed(_chat(server, client, stream=True, **kwargs))
     assert content == "" and reasons == ["tool_calls"]
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
-        [(c.function.name, json.loads(c.function.arguments)) for c in whole]
-    assert all(c["id"].startswith("call_") for c in calls.values())
+    assert calls == [(c.function.name, c.function.arguments) for c in whole]
 
 
 def test_tool_choice_none_neither_constrains_nor_parses(server, client) -> None:
@@ -141,7 +188,7 @@ def test_tool_results_history_is_served_and_cached_tokens_grow(server, client) -
     cached = []
     for step in range(3):
         response = _chat(server, client, messages=messages, tools=TOOLS, tool_choice="required",
-                         parallel_tool_calls=False, extra_body={"cache_salt": "agent-loop"})
+                         extra_body={"cache_salt": "agent-loop"})
         calls = response.choices[0].message.tool_calls
         _check_calls(calls)
         cached.append(response.usage.prompt_tokens_details.cached_tokens)
@@ -175,8 +222,9 @@ def test_tool_results_history_is_served_and_cached_tokens_grow(server, client) -
       "tool_choice": "required"}, ("cannot be compiled into a grammar",), "tools"),
     ({"tools": TOOLS, "parallel_tool_calls": "yes"}, ("boolean",), "parallel_tool_calls"),
     ({"tools": {}}, ("array",), "tools"),
-    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, ("at most one output constraint",),
-     "response_format"),
+    ({"tools": TOOLS, "extra_body": {"guided_regex": "a+"}}, ("at most one output constraint",), "guided_regex"),
+    ({"tools": TOOLS, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "nope"}}}}, ("cannot be compiled into a grammar",), "response_format"),
 ])
 def test_bad_tool_fields_are_400_naming_the_field(server, client, kwargs, mentions, param) -> None:
     _bad(lambda: _chat(server, client, **kwargs), *mentions, param=param)
@@ -218,8 +266,7 @@ class Forecast(BaseModel):
 def test_chat_completions_parse_returns_the_pydantic_object(server, client) -> None:
     with no_errors_logged("promptstash"):
         response = client.chat.completions.parse(model=server.state.model_name, messages=MESSAGES,
-                                                 response_format=Forecast, max_tokens=300, temperature=0,
-                                                 logit_bias=_no_whitespace(server))
+                                                 response_format=Forecast, max_tokens=300, temperature=0)
     parsed = response.choices[0].message.parsed
     assert isinstance(parsed, Forecast), response
     assert response.choices[0].finish_reason == "stop"

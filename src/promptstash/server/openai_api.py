@@ -27,9 +27,14 @@ decoding), `tool_choice` ("auto" | "none" | "required" | {"type": "function", "f
 `parallel_tool_calls`; histories with assistant `tool_calls` and `tool` messages. Tool definitions are rendered by
 the model's chat template ahead of the conversation, so they are cached. "none" renders the tools but neither
 constrains nor parses the output. The legacy `functions` / `function_call` fields are a 400 (use tools).
+Parallel calls are off unless `parallel_tool_calls: true` (as llama.cpp's server: small models repeat a call
+until max_tokens); with it, a call repeating an earlier one ends the output and is dropped. With "auto" a
+model may also answer with a bare `{"name": ..., "arguments": ...}` object naming a tool (no tags): a call.
 
 Structured outputs: `response_format` json_object / json_schema (chat), vLLM's `guided_json`, `guided_regex`,
-`guided_choice` (both routes); at most one of these (and of tools that may be called) per request.
+`guided_choice` (both routes); at most one of these per request. Tools combine with `response_format` (as
+openai-agents sends for an agent with tools and an output type): "auto" gives calls or JSON text in the
+format; "required" / a named function force a call, so the format (still checked) does not apply.
 
 Modules (chat only): a text part `{"type": "text", "text": ..., "module": true}` is a module (tokenized on its
 own; its K/V are reused wherever it appears), `{"type": "module", "id": ...}` uses a module registered with
@@ -261,17 +266,30 @@ def _response_format(body: Body) -> GrammarSpec | None:
     return GrammarSpec.json_schema(schema.data if schema is not None else None)
 
 
+def _compiled(state: ServerState, body: Body, field: str, spec: GrammarSpec) -> GrammarSpec:
+    try:
+        state.engine.compile_grammar(spec)
+    except InvalidRequestError as exc:
+        raise body.fail(field, f"cannot be compiled into a grammar: {exc}") from None
+    return spec
+
+
 def _grammar(state: ServerState, body: Body, kind: str, tools: Sequence[ToolDef]) -> GrammarSpec | None:
-    """The one output constraint asked for (400 if several), compiled here so a bad one is a 400 up front."""
+    """The one output constraint asked for (400 if several), compiled here so a bad one is a 400 up front.
+    Tools (tool_choice not none) and response_format combine: with tool_choice auto the output is calls or
+    JSON text in the format; required / named force a call, so the format (still checked) has no effect."""
     specs: list[tuple[str, GrammarSpec]] = []
     if kind == "chat":
         mode, name = _tool_choice(body, tools)
+        parallel = body.bool("parallel_tool_calls") is True  # off unless asked for (small models repeat calls)
+        fmt = _response_format(body)
         if tools and mode != "none":
-            parallel = body.bool("parallel_tool_calls", True)
-            specs.append(("tools", GrammarSpec.tool_calls(list(tools), mode, name, parallel)))
-        else:
-            body.bool("parallel_tool_calls")
-        if (fmt := _response_format(body)) is not None:
+            text_schema = None
+            if fmt is not None:
+                _compiled(state, body, "response_format", fmt)
+                text_schema = _load_schema(fmt.source)
+            specs.append(("tools", GrammarSpec.tool_calls(list(tools), mode, name, parallel, text_schema)))
+        elif fmt is not None:
             specs.append(("response_format", fmt))
     elif (fmt := body.obj("response_format")) is not None and fmt.str("type", "text") != "text":
         raise body.fail("response_format", "/v1/completions takes guided_json, guided_regex or guided_choice")
@@ -290,12 +308,12 @@ def _grammar(state: ServerState, body: Body, kind: str, tools: Sequence[ToolDef]
     if len(specs) > 1:
         first, second = specs[0][0], specs[1][0]
         raise body.fail(second, f"at most one output constraint per request: {first} and {second} were both given")
-    field, spec = specs[0]
-    try:
-        state.engine.compile_grammar(spec)
-    except InvalidRequestError as exc:
-        raise body.fail(field, f"cannot be compiled into a grammar: {exc}") from None
-    return spec
+    return _compiled(state, body, *specs[0])
+
+
+def _load_schema(source: str) -> dict[str, Any]:
+    """The schema of a json_schema GrammarSpec ("" = any object)."""
+    return {"type": "object"} if source == "" else json.loads(source)
 
 
 def _cache_options(body: Body) -> _CacheOptions | None:
@@ -636,7 +654,7 @@ def _chat_choice(sample: Completion, opts: _Options, text_of: _TokenText) -> dic
     reason = _finish_reason(sample)
     message: dict[str, Any] = {"role": "assistant", "content": sample.text, "refusal": None}
     if opts.parse_tools:
-        content, calls = tool_format.parse_tool_calls(sample.text)
+        content, calls = tool_format.parse_tool_calls(sample.text, [t.name for t in opts.tools])
         if calls:
             message["content"] = content or None
             message["tool_calls"] = _tool_calls_json(calls)
@@ -745,7 +763,7 @@ class _ChoiceStream:
         self.text_of = text_of
         self.finished = False
         self.offset = 0  # characters of output so far (completions' text_offset)
-        self.tools = ToolDeltas() if opts.parse_tools else None
+        self.tools = ToolDeltas([t.name for t in opts.tools]) if opts.parse_tools else None
 
     def first(self) -> dict[str, Any]:
         return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -791,10 +809,11 @@ class _ChoiceStream:
 class ToolDeltas:
     """Streamed chat text -> OpenAI deltas: {"content": ...} for text, and per tool call
     {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments": ""}}]} once its name is known,
-    then {"tool_calls": [{"index", "function": {"arguments": "..."}}]} argument deltas."""
+    then {"tool_calls": [{"index", "function": {"arguments": "..."}}]} argument deltas. names: the tools' (a
+    bare call naming one is a call)."""
 
-    def __init__(self) -> None:
-        self._stream = tool_format.ToolCallStream()
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        self._stream = tool_format.ToolCallStream(names)
         self.num_calls = 0
 
     def _deltas(self, events: Sequence[tool_format.ToolEvent]) -> list[dict[str, Any]]:
