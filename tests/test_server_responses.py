@@ -70,7 +70,7 @@ def test_string_input_gives_the_engines_own_greedy_output_and_usage(server, clie
     assert r.usage.output_tokens_details.reasoning_tokens == 0
     if ref.finish_reason == "length":
         assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
-    assert r.store is False and r.tools == [] and r.tool_choice == "none" and r.parallel_tool_calls is True
+    assert r.store is False and r.tools == [] and r.tool_choice == "none" and r.parallel_tool_calls is False
     assert r.text.format.type == "text" and r.temperature == 0
 
 
@@ -220,6 +220,39 @@ def test_text_format_json_schema_output_parses(client) -> None:
     assert r.text.format.type == "json_schema" and r.text.format.name == "rating"
 
 
+def test_tools_with_a_text_format(client) -> None:
+    """openai-agents sends tools and a json_schema text.format for an agent with an output_type: tool_choice auto
+    gives function calls or JSON text in the format (streamed alike); required forces a call. Parallel calls are
+    off unless asked for, and the response says which."""
+    text = {"format": {"type": "json_schema", "name": "final_output", "schema": ANSWER_SCHEMA, "strict": True}}
+    kinds = set()
+    for seed in (0, 3):  # the random model calls at seed 0 and answers in the format at seed 3
+        kwargs: dict[str, Any] = dict(input="Weather?", tools=[WEATHER], temperature=1.0, max_output_tokens=300,
+                                      text=text, extra_body={"seed": seed})
+        r = _create(client, **kwargs)
+        assert r.status == "completed" and r.parallel_tool_calls is False
+        calls = [item for item in r.output if item.type == "function_call"]
+        if calls:
+            (call,) = calls
+            jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+            kinds.add("call")
+        else:
+            jsonschema.validate(json.loads(r.output_text), ANSWER_SCHEMA)
+            kinds.add("text")
+        final = list(client.responses.create(model=MODEL, stream=True, **kwargs))[-1].response
+        assert [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in final.output] == \
+            [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in r.output]
+        assert final.output_text == r.output_text
+    assert kinds == {"call", "text"}
+    forced = _create(client, input="Weather?", tools=[WEATHER], tool_choice="required", text=text,
+                     max_output_tokens=300, parallel_tool_calls=True)
+    assert forced.parallel_tool_calls is True
+    calls = [item for item in forced.output if item.type == "function_call"]
+    assert calls and all(item.type == "function_call" for item in forced.output)
+    keys = [json.loads(c.arguments) for c in calls]
+    assert all(keys.count(k) == 1 for k in keys)  # a repeated call ends the output and is dropped
+
+
 BAD = [
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"input": "x", "tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name"),
@@ -249,7 +282,8 @@ BAD = [
     ({"input": "x", "temperature": 3}, "temperature"),
     ({"input": "x", "conversation": "conv_1"}, "conversation"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
-    ({"input": "x", "tools": [WEATHER], "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"input": "x", "tools": [WEATHER], "text": {"format": {"type": "json_schema", "name": "s", "schema": {
+        "type": "object", "properties": {"a": {"type": "nope"}}}}}}, "text.format"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "nonsense"}}}},
      "text.format"),
     ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": 5}}]}, "tools"),

@@ -11,6 +11,12 @@ kept per tenant, in memory, bounded in count and age. A follow-up with `previous
 conversation plus its new input (instructions and tools are the follow-up's own, as OpenAI does), so its prompt
 extends the earlier one and reuses its cached prefix. Another tenant's id is a 404, as an unknown one.
 
+Tools: parallel calls only with `parallel_tool_calls: true` (the response echoes the value in effect; small
+models otherwise repeat a call until max_output_tokens), and then a repeated call ends the output and is dropped.
+On tool_choice auto a bare `{"name": ..., "arguments": ...}` answer naming a tool is a call. Tools combine with a
+JSON text.format (openai-agents sends both for an agent with an output_type): auto gives calls or JSON text in
+the format; required / a named function force a call.
+
 Supported: see the openapi.py Responses section. Refused with a 400 naming the field: tool types other than
 function (web_search, file_search, ...), images and files, reasoning summaries, `background`, `conversation`,
 `prompt` templates, `truncation: "auto"`, logprobs, and anything else that would change the output.
@@ -84,6 +90,7 @@ class _Prepared:
     conversation: tuple[ChatMessage, ...]  # the stored history and this input (instructions are not part of it)
     parse_calls: bool  # tools are offered: split the output at tool-call markers
     echo: dict[str, Any] = field(default_factory=dict)  # request fields the response object repeats
+    tool_names: tuple[str, ...] = ()  # of the tools offered (a bare call naming one is a call)
 
 
 # -- request -> messages, tools, grammar ------------------------------------------------------------------------
@@ -339,7 +346,7 @@ def _prepare(state: ServerState, store: ResponseStore, raw: bytes, tenant: str) 
     metadata = _metadata(body)
     tools, tools_echo = _tools(body)
     mode, named, choice_echo = _tool_choice(body, tools)
-    parallel = body.bool("parallel_tool_calls", True)
+    parallel = body.bool("parallel_tool_calls") is True  # off unless asked for (small models repeat calls)
     text_grammar, text_echo = _text_format(body)
     previous_id = body.str("previous_response_id")
     history: tuple[ChatMessage, ...] = ()
@@ -353,18 +360,15 @@ def _prepare(state: ServerState, store: ResponseStore, raw: bytes, tenant: str) 
     conversation = (*history, *_input_messages(body, history))
 
     grammar, grammar_param = text_grammar, "text.format"
+    if text_grammar is not None:
+        _compile(state, text_grammar, "text.format")
     if tools and mode != "none":
-        if text_grammar is not None:
-            raise APIError(400, "text.format: at most one output constraint per request: tools (tool_choice "
-                                f"{mode!r}) and text.format {text_echo['format']['type']!r} were both given; use "
-                                "tool_choice 'none' for a structured answer", param="text.format")
-        grammar, grammar_param = GrammarSpec.tool_calls(tools, mode, named, parallel), "tools"
+        # with a text.format: auto gives calls or JSON text in the format; required / named force a call
+        text_schema = None if text_grammar is None else \
+            ({"type": "object"} if text_grammar.source == "" else json.loads(text_grammar.source))
+        grammar, grammar_param = GrammarSpec.tool_calls(tools, mode, named, parallel, text_schema), "tools"
     if grammar is not None:
-        try:
-            state.engine.compile_grammar(grammar)  # cached: add_request finds it compiled
-        except InvalidRequestError as exc:
-            raise APIError(400, f"{grammar_param}: cannot be compiled into a grammar: {exc}",
-                           param=grammar_param) from None
+        _compile(state, grammar, grammar_param)  # cached: add_request finds it compiled
 
     messages = ([ChatMessage("system", (TextBlock(instructions),))] if instructions is not None else [])
     messages += conversation
@@ -392,7 +396,15 @@ def _prepare(state: ServerState, store: ResponseStore, raw: bytes, tenant: str) 
     }
     namespace = cache_namespace(tenant, body.str("cache_salt"))
     return _Prepared(model, stream, keep, tenant, namespace, sampling, max_tokens is not None,
-                     retention, rendered.token_ids, conversation, bool(tools) and mode != "none", echo)
+                     retention, rendered.token_ids, conversation, bool(tools) and mode != "none", echo,
+                     tuple(t.name for t in tools))
+
+
+def _compile(state: ServerState, grammar: GrammarSpec, param: str) -> None:
+    try:
+        state.engine.compile_grammar(grammar)
+    except InvalidRequestError as exc:
+        raise APIError(400, f"{param}: cannot be compiled into a grammar: {exc}", param=param) from None
 
 
 # -- output: items and stream events ---------------------------------------------------------------------------
@@ -402,9 +414,9 @@ class _Output:
     tools.ToolCallStream when tools are offered); each method returns the stream events (without
     sequence_number) that tell a client what changed. Streamed or not, a response gets the same items."""
 
-    def __init__(self, parse_calls: bool) -> None:
+    def __init__(self, parse_calls: bool, names: tuple[str, ...] = ()) -> None:
         self.items: list[dict[str, Any]] = []
-        self._calls = ToolCallStream() if parse_calls else None
+        self._calls = ToolCallStream(names) if parse_calls else None
         self._message: dict[str, Any] | None = None  # the open message item
         self._call: dict[str, Any] | None = None  # the open function_call item
 
@@ -590,7 +602,7 @@ async def _respond(state: ServerState, store: ResponseStore, request: Request, p
         if completion.finish_reason not in ("stop", "length"):
             raise APIError(500, f"generation failed (finish reason {completion.finish_reason!r})")
         state.stats.record("responses", completion, p.tenant)
-        out = _Output(p.parse_calls)
+        out = _Output(p.parse_calls, p.tool_names)
         out.feed(completion.text, last=True)
         result, _ = finished(out, completion.usage, completion.finish_reason)
         return JSONResponse(result, headers=headers)
@@ -602,7 +614,7 @@ async def _respond(state: ServerState, store: ResponseStore, request: Request, p
             return sse({"type": data["type"], "sequence_number": next(sequence),
                         **{k: v for k, v in data.items() if k != "type"}}, event=data["type"])
 
-        out = _Output(p.parse_calls)
+        out = _Output(p.parse_calls, p.tool_names)
         try:
             yield event({"type": "response.created", "response": body("in_progress", [], None)})
             yield event({"type": "response.in_progress", "response": body("in_progress", [], None)})
