@@ -1,8 +1,8 @@
 """Anthropic /v1/messages tools, tool_choice, tool history, output_config, prefill and the fields we refuse,
 through the official anthropic SDK against a live server (tiny random-weight model).
 
-The random model fills JSON whitespace generously; tool schemas here have one enum property each, so with
-disable_parallel_tool_use a forced call always finishes within MAX_TOKENS (each whitespace gap is bounded).
+Constrained JSON has no free whitespace and tool schemas here have one enum property each, so a forced call
+always finishes within MAX_TOKENS; parallel calls are off unless disable_parallel_tool_use is false.
 """
 
 from __future__ import annotations
@@ -82,13 +82,38 @@ def test_forced_tool_choice_returns_a_tool_use_whose_input_fits_the_schema(serve
     assert all(b.type == "tool_use" for b in message.content)  # forced: no text before the call
 
 
-def test_parallel_calls_each_fit_their_schema(server, client) -> None:
-    message = create(server, client, tools=TOOLS, tool_choice={"type": "any"}, max_tokens=120)
-    uses = [b for b in message.content if b.type == "tool_use"]
-    assert uses and message.stop_reason in ("tool_use", "max_tokens")
-    complete = uses if message.stop_reason == "tool_use" else uses[:-1]  # the last may be cut short
-    for use in complete:
-        jsonschema.validate(use.input, SCHEMAS[use.name])
+def test_parallel_calls_only_when_asked_for_and_never_repeated(server, client) -> None:
+    for _ in range(3):
+        check_tool_uses(create(server, client, tools=TOOLS, tool_choice={"type": "any"}), single=True)
+        message = create(server, client, tools=TOOLS, tool_choice={"type": "any", "disable_parallel_tool_use": False})
+        uses = check_tool_uses(message, single=False)
+        calls = [(use.name, use.input) for use in uses]
+        assert all(calls.count(call) == 1 for call in calls), calls  # a repeat ends the output, dropped
+
+
+def _block(block) -> tuple:
+    return (block.type, block.text) if block.type == "text" else (block.type, block.name, block.input)
+
+
+def test_tools_with_output_config(server, client) -> None:
+    """tool_choice auto with an output format: tool_use blocks or JSON text in the format; any: a tool_use."""
+    body = {"output_config": {"format": {"type": "json_schema", "schema": OUTPUT_SCHEMA}}}
+    for temperature in (0.0, 1.0, 1.0, 1.0):
+        message = create(server, client, tools=TOOLS, extra_body={**body, "temperature": temperature})
+        if message.stop_reason == "tool_use":
+            check_tool_uses(message, single=True)
+            assert all(b.type == "tool_use" for b in message.content)
+        else:
+            [block] = message.content
+            assert block.type == "text" and message.stop_reason == "end_turn", message
+            jsonschema.validate(json.loads(block.text), OUTPUT_SCHEMA)
+        if temperature == 0.0:
+            with client.messages.stream(model=server.state.model_name, max_tokens=MAX_TOKENS, messages=USER,
+                                        tools=TOOLS, extra_body={**body, "temperature": 0.0}) as stream:
+                final = stream.get_final_message()
+            assert [_block(b) for b in final.content] == [_block(b) for b in message.content]
+    forced = create(server, client, tools=TOOLS, extra_body=body, tool_choice={"type": "any"})
+    check_tool_uses(forced, single=True)
 
 
 def test_streamed_tool_use_events(server, client) -> None:
@@ -226,8 +251,8 @@ BAD = [
     ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format.schema"),
     ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object", "properties": {
         "a": {"type": "nonsense"}}}}}}, "cannot be compiled into a grammar"),
-    ({"output_config": {"format": {"type": "json_schema", "schema": OUTPUT_SCHEMA}}, "tools": TOOLS},
-     "at most one output constraint"),
+    ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object", "properties": {
+        "a": {"type": "nonsense"}}}}}, "tools": TOOLS}, "output_config.format.schema: cannot be compiled"),
     ({"tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}}, "no tool named 'nope'"),
     ({"tool_choice": {"type": "any"}}, "needs tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),

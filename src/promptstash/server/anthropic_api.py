@@ -17,13 +17,17 @@ conversation (so they are cached; a tool's cache_control is a breakpoint right a
 `tool_choice` auto | any | tool (+ name) | none, `disable_parallel_tool_use`: with tools and a choice other than
 none, output is constrained by a grammar (GrammarSpec.tool_calls: auto = text or calls, any = at least one call,
 tool = that tool), so every tool_use input is valid JSON for its input_schema; none renders the tools (as
-Anthropic does) but neither constrains nor parses: the output is text. History: assistant `tool_use` blocks
+Anthropic does) but neither constrains nor parses: the output is text. One call per answer unless
+`disable_parallel_tool_use` is explicitly false (small models repeat a call until max_tokens; with parallel
+calls a repeated one ends the output and is dropped). On auto a bare `{"name": ..., "arguments": ...}` answer
+naming a tool is a tool_use. History: assistant `tool_use` blocks
 become the message's tool calls, user `tool_result` blocks become tool messages (`is_error`: the result is
 rendered after "Error:"); cache_control on either is a breakpoint after it (a tool_use's: after its input JSON).
 Output: the model's `<tool_call>` text is parsed into `tool_use` blocks (ids "toolu_..."), stop_reason "tool_use";
 streamed as content_block_start (input {}), input_json_delta deltas, content_block_stop.
 Structured output: `output_config: {"format": {"type": "json_schema", "schema": {...}}}` (or the beta spelling
-`output_format: {...}`) constrains the text to the schema. A final assistant message is a prefill: generation
+`output_format: {...}`) constrains the text to the schema; with tools, tool_choice auto gives tool_use blocks or
+JSON text in the format, any / tool a tool_use. A final assistant message is a prefill: generation
 continues it and the response holds only the new text. Not supported, a 400 rather than ignored: `thinking`
 (other than disabled), `output_config.effort`, `container`, `mcp_servers`, `context_management`, server tools
 (a tool `type` other than custom), `defer_loading`. Ignored as harmless: metadata, service_tier, speed,
@@ -244,17 +248,18 @@ def _tools(body: Body) -> list[ToolDef]:
 
 
 def _tool_choice(body: Body, tools: list[ToolDef]) -> tuple[str | None, str | None, bool]:
-    """(grammar tool mode or None: no tool calls expected, the tool's name for mode named, parallel)."""
+    """(grammar tool mode or None: no tool calls expected, the tool's name for mode named, parallel). Parallel
+    calls only with an explicit `disable_parallel_tool_use: false` (small models repeat a call until max_tokens)."""
     choice = body.obj("tool_choice")
     if choice is None:
-        return ("auto" if tools else None), None, True
+        return ("auto" if tools else None), None, False
     kind = choice.str("type", required=True, choices=("auto", "any", "tool", "none"))
     name = choice.str("name", required=kind == "tool")
     if kind != "tool" and name is not None:
         raise choice.fail("name", f"only tool_choice of type \"tool\" names a tool (this one is {kind!r})")
-    parallel = not choice.bool("disable_parallel_tool_use", False)
+    parallel = choice.bool("disable_parallel_tool_use") is False
     if kind == "none" or (kind == "auto" and not tools):
-        return None, None, True
+        return None, None, False
     if not tools:
         raise choice.fail("type", f"tool_choice {kind!r} needs tools")
     if kind == "tool" and all(t.name != name for t in tools):
@@ -395,6 +400,7 @@ class _Prepared:
     module_repair: ModuleRepair | None = None  # None: the engine's default
     all_breakpoints: tuple[tuple[int, str], ...] = ()  # every breakpoint, cacheable or not (count_tokens)
     parse_tools: bool = False  # the output may hold tool calls (tools given, tool_choice not none)
+    tool_names: tuple[str, ...] = ()  # of the tools given (a bare call naming one is a call)
 
     def usage(self, state: ServerState, usage: Usage) -> dict[str, Any]:
         return usage_json(usage, usage_extension(usage, bool(self.modules), self.module_repair,
@@ -418,10 +424,11 @@ def _prepare(state: ServerState, raw: bytes, tenant: str, *, count_only: bool = 
     schema = _output_schema(body)
     grammar: GrammarSpec | None = None
     if schema is not None:
-        if tool_mode is not None:
-            raise body.fail("output_config", "at most one output constraint: output_config.format cannot be "
-                                             "combined with tools unless tool_choice is {\"type\": \"none\"}")
         grammar, grammar_field = GrammarSpec.json_schema(schema), "output_config.format.schema"
+        if tool_mode is not None:  # auto: calls or JSON text in the format; any / tool: a call
+            _compile(state, grammar, grammar_field)
+            grammar = GrammarSpec.tool_calls(tools, tool_mode, tool_name, parallel, schema)
+            grammar_field = "tools"
     elif tool_mode is not None:
         grammar, grammar_field = GrammarSpec.tool_calls(tools, tool_mode, tool_name, parallel), "tools"
     sampling = SamplingParams(
@@ -449,16 +456,19 @@ def _prepare(state: ServerState, raw: bytes, tenant: str, *, count_only: bool = 
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
     if grammar is not None:
-        try:
-            state.engine.compile_grammar(grammar)
-        except InvalidRequestError as exc:
-            raise APIError(400, f"{grammar_field}: cannot be compiled into a grammar: {exc}",
-                           param=grammar_field) from None
+        _compile(state, grammar, grammar_field)
     minimum = state.config.min_cacheable_tokens
     all_breakpoints = _prefix_ttls(prompt.breakpoints)
     breakpoints = [(n, ttl) for n, ttl in all_breakpoints if n >= minimum]
     return _Prepared(model, sampling, stream, namespace, prompt.token_ids, breakpoints, prompt.modules, repair,
-                     all_breakpoints, tool_mode is not None)
+                     all_breakpoints, tool_mode is not None, tuple(t.name for t in tools))
+
+
+def _compile(state: ServerState, grammar: GrammarSpec, field: str) -> None:
+    try:
+        state.engine.compile_grammar(grammar)
+    except InvalidRequestError as exc:
+        raise APIError(400, f"{field}: cannot be compiled into a grammar: {exc}", param=field) from None
 
 
 def _prefix_ttls(breakpoints: tuple[tuple[int, str], ...]) -> tuple[tuple[int, str], ...]:
@@ -495,7 +505,7 @@ def _content(completion: Completion, p: _Prepared) -> tuple[list[dict[str, Any]]
     if not p.parse_tools:
         return ([{"type": "text", "text": completion.text}] if completion.usage.completion_tokens else []), \
             stop_reason, stop_sequence
-    text, calls = parse_tool_calls(completion.text)
+    text, calls = parse_tool_calls(completion.text, p.tool_names)
     content = [{"type": "text", "text": text}] if text or (completion.usage.completion_tokens and not calls) else []
     content += [_tool_use(call) for call in calls]
     if calls and completion.finish_reason == "stop" and stop_sequence is None:
@@ -544,7 +554,7 @@ async def _events(state: ServerState, submission, base: dict[str, Any], tenant: 
     message_start waits for the first update, so its usage already holds the real cache read and write.
     """
     blocks = _BlockEvents()
-    calls = ToolCallStream() if p.parse_tools else None
+    calls = ToolCallStream(p.tool_names) if p.parse_tools else None
     try:
         started = False
         async for update in submission.updates():

@@ -116,7 +116,9 @@ def _id_pattern(vocab_size: int | None) -> str:
 
 
 OUTPUT_CONSTRAINTS = "At most one output constraint per request: response_format json_object / json_schema, " \
-                     "guided_json, guided_regex, guided_choice, or tools that may be called (tool_choice not \"none\")."
+                     "guided_json, guided_regex, guided_choice, or tools that may be called (tool_choice not " \
+                     "\"none\"); tools combine with response_format (tool_choice auto: calls or JSON text in the " \
+                     "format; required / a named function: a call)."
 CACHE_TTL = {"type": "string", "enum": ["30m", "12h"],
              "description": "a minimum lifetime, mapped onto the next TTL class up: 30m -> 1h, 12h -> 24h"}
 FUNCTION_NAME = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
@@ -228,7 +230,8 @@ def _chat_request(model_names: list[str], max_model_len: int, vocab_size: int | 
                     "tools": _nullable({"type": "array", "items": tool, "maxItems": 128,
                                         "description": "function names must differ"}),
                     "tool_choice": _nullable(tool_choice),
-                    "parallel_tool_calls": _nullable({"type": "boolean"}),
+                    "parallel_tool_calls": _nullable({"type": "boolean", "description": "several calls in one "
+                                                      "answer only when true (default: one)"}),
                     "response_format": _nullable(response_format)},
                    ("model", "messages"), allOf=[logprobs_rule], description=OUTPUT_CONSTRAINTS)
 
@@ -261,9 +264,9 @@ def _completion_request(model_names: list[str], max_model_len: int, vocab_size: 
 def _messages_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
     """What anthropic_api.py accepts. Rules JSON Schema cannot state (400s): a tool_result's tool_use_id must match
     a tool_use of an earlier assistant message; tool names and tool_use ids must be distinct; tool_choice must name
-    a tool in tools (any / tool need tools); output_config.format / output_format are one constraint, not combined
-    with tools (unless tool_choice is none); schemas must compile into a grammar; a final assistant message (a
-    prefill) holds no tool_use."""
+    a tool in tools (any / tool need tools); output_config.format and output_format are not both given (with
+    tools, auto gives tool_use or JSON text in the format); schemas must compile into a grammar; a final assistant
+    message (a prefill) holds no tool_use."""
     from promptstash.server.anthropic_api import TOOL_NAME, TOOL_USE_ID
 
     cache_control = _ref("CacheControl")
@@ -299,7 +302,8 @@ def _messages_request(model_names: list[str], max_model_len: int) -> dict[str, A
         "defer_loading": _nullable({"type": "boolean", "const": False, "description": "tool search is not "
                                                                                       "supported"}),
         **extra}, ("name", "input_schema"), description="a custom tool; cache_control: a breakpoint after it")
-    parallel = _nullable({"type": "boolean"})
+    parallel = _nullable({"type": "boolean", "description": "several calls in one answer only when false "
+                                                            "(default: one)"})
     no_name = {"type": "null", "description": "only tool_choice of type tool names a tool"}
     tool_choice = {"oneOf": [
         *(_object({"type": {"type": "string", "const": kind}, "disable_parallel_tool_use": parallel,
@@ -476,9 +480,9 @@ def _model_route(schema_name: str, request_schema: dict[str, Any], anthropic: bo
 def _responses_request(model_names: list[str], max_model_len: int) -> dict[str, Any]:
     """What responses_api.py accepts. Rules JSON Schema cannot state (400s): a function_call_output's call_id must
     match an earlier function_call, function_call arguments must be the JSON text of an object, tool names must be
-    distinct, tool_choice must name a tool in tools ('required' needs tools), tools (with tool_choice other than
-    none) and a JSON text.format are not combined, schemas must compile into a grammar; previous_response_id must
-    name a response this tenant stored (else 404)."""
+    distinct, tool_choice must name a tool in tools ('required' needs tools), schemas must compile into a grammar;
+    previous_response_id must name a response this tenant stored (else 404). Tools and a JSON text.format
+    combine: tool_choice auto gives calls or JSON text in the format, required / a named function a call."""
     from promptstash.server.responses_api import HARMLESS_INCLUDES, REASONING_EFFORTS, SERVICE_TIERS
 
     string = {"type": "string"}
@@ -530,7 +534,8 @@ def _responses_request(model_names: list[str], max_model_len: int) -> dict[str, 
         "tool_choice": _nullable({"anyOf": [
             {"type": "string", "enum": ["none", "auto", "required"]},
             _object({"type": {"type": "string", "const": "function"}, "name": string}, ("type", "name"))]}),
-        "parallel_tool_calls": _nullable({"type": "boolean"}),
+        "parallel_tool_calls": _nullable({"type": "boolean", "description": "several calls in one answer only "
+                                                                             "when true (default: one)"}),
         "text": _nullable(_object({"format": _nullable(text_format),
                                    "verbosity": _nullable({"type": "string", "enum": ["medium"]})})),
         "max_output_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": max_model_len}),
