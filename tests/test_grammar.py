@@ -307,10 +307,12 @@ def test_auto_bare_call_free_text_or_tagged_calls(tiny: tuple[Tokenizer, Walker]
     spec = GrammarSpec.tool_calls(TOOLS, "auto", parallel=True)
     bare = '{"name": "get_time", "arguments": {"tz": "UTC"}}'
     call = "<tool_call>\n" + bare + "\n</tool_call>"
-    for text in (bare, "\n " + bare, "hello {world}", "hello " + call, call, "", "  hi"):
+    for text in (bare, "\n " + bare, "hello {world}", "hello " + call, call, "", "  hi", "```json\n" + bare + "\n```",
+                 "```\n" + bare + "\n```", "```python\nx = {}\n```", "`{`"):
         assert _accepts(tokenizer, spec, text), text
     for text in ('{"answer": 1}', '{"name": "nope", "arguments": {}}', " {x", bare + " more", bare + "\n" + call,
-                 '{"name": "get_time", "arguments": {"tz": "utc"}}', '{"name":"get_time", "arguments": {}}'):
+                 '{"name": "get_time", "arguments": {"tz": "utc"}}', '{"name":"get_time", "arguments": {}}',
+                 "```json\n{\n", "```json\n" + bare, "```json\n" + bare + "\n``` more"):
         assert not _accepts(tokenizer, spec, text), text
     constraint = compile_grammar(spec, tokenizer, _vocab(tiny)).constraint()
     for token in tokenizer.encode('{"'):
@@ -423,6 +425,16 @@ def test_qwen_tool_calls(qwen: tuple[Tokenizer, Walker]) -> None:
     for i, token in enumerate(tokenizer.encode("Let me look that up.")):
         assert i == 0 or auto.allowed() is None  # free text costs nothing
         auto.accept(token)
+    fenced = compile_grammar(GrammarSpec.tool_calls(TOOLS, "auto"), tokenizer, QWEN_VOCAB).constraint()
+    for token in tokenizer.encode("```json\n"):
+        assert fenced.allowed() is not None  # may still be a fenced bare call
+        fenced.accept(token)
+    allowed = fenced.allowed()
+    assert allowed[tokenizer.encode('{"')[0]] and not allowed[tokenizer.encode("{\n")[0]]
+    code = compile_grammar(GrammarSpec.tool_calls(TOOLS, "auto"), tokenizer, QWEN_VOCAB).constraint()
+    for token in tokenizer.encode("```python\n"):
+        code.accept(token)
+    assert code.allowed() is None  # a code block: free text
     fork = auto.fork()
     auto.accept(call_start)
     assert fork.allowed() is None  # the fork is still in free text

@@ -51,6 +51,12 @@ BARE_SAMPLES = [
     '{"name": "get_weather"}',
     BARE[:-8],  # cut short
     BARE + "\n" + WEATHER,
+    # in a Markdown code fence (Qwen2.5-Coder's habit), also pretty-printed; a code block stays text
+    "```json\n" + BARE + "\n```",
+    "```\n" + BARE + "\n```\n",
+    '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Lima"\n  }\n}\n```',
+    "```python\nprint(1)\n```",
+    "```json\n" + BARE + "\n``` and more",
     # repeated calls: the repeat is dropped, a different one kept
     WEATHER + "\n" + WEATHER + "\n" + WEATHER.replace("Paris", "Oslo"),
     WEATHER + "\n" + WEATHER.replace('"Paris", "unit": "c"', '"Paris",  "unit":"c"'),
@@ -163,8 +169,17 @@ def test_bare_call_needs_the_tool_names() -> None:
 
 
 def test_bare_lookalikes_stay_text() -> None:
-    for sample in BARE_SAMPLES[3:6]:
-        assert parse_tool_calls(sample, NAMES) == (sample, [])
+    for sample in [*BARE_SAMPLES[3:6], *BARE_SAMPLES[12:14]]:
+        assert parse_tool_calls(sample, NAMES) == (sample.strip(), [])
+
+
+def test_bare_call_in_a_code_fence() -> None:
+    for sample in BARE_SAMPLES[9:12]:
+        content, calls = parse_tool_calls(sample, NAMES)
+        assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == \
+            [("get_weather", json.loads(BARE)["arguments"] if "unit" in sample else {"city": "Lima"})]
+    stream = ToolCallStream(NAMES)
+    assert stream.feed("``") == [] and stream.feed("`py") == [TextDelta("```py")]
 
 
 def test_bare_call_cut_short_is_a_call() -> None:
@@ -191,9 +206,9 @@ def test_stream_holds_a_bare_call_only_while_it_may_be_one() -> None:
 
 
 def test_repeated_calls_are_dropped_and_held_until_complete() -> None:
-    content, calls = parse_tool_calls(BARE_SAMPLES[9])
+    content, calls = parse_tool_calls(BARE_SAMPLES[14])
     assert content == "" and [json.loads(c.arguments)["city"] for c in calls] == ["Paris", "Oslo"]
-    assert len(parse_tool_calls(BARE_SAMPLES[10])[1]) == 1  # equal as JSON values, written differently
+    assert len(parse_tool_calls(BARE_SAMPLES[15])[1]) == 1  # equal as JSON values, written differently
     stream = ToolCallStream()
     events = stream.feed(WEATHER[:-12])
     assert [type(e) for e in events] == [CallStart, ArgsDelta]  # the first call streams

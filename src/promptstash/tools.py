@@ -19,10 +19,11 @@ CONTRACT (shared by the chat template rendering, the grammar and both APIs):
   A call written another way (keys in another order, extra keys) is recognised when its `</tool_call>`
   arrives and the body parses as a JSON object with a string "name"; one that never parses stays text.
 - Bare calls: given the tool names (`names=`), an output that is, apart from surrounding whitespace, one JSON
-  object `{"name": "<one of names>", "arguments": {...}}` (no tags; small models often answer so, and the
-  tool_calls grammar of mode auto allows it) is that one call. Streaming holds an output starting with "{"
-  back while it can still be a bare call (so a JSON text is held only until its first key or name differs),
-  and emits the call at the end. Cut short inside the arguments, it is still a call (as a tagged one).
+  object `{"name": "<one of names>", "arguments": {...}}` (no tags), perhaps in a Markdown code fence
+  ("```json\\n" or "```\\n" ... "\\n```"), is that one call (small models often answer so, and the tool_calls
+  grammar of mode auto allows it). Streaming holds an output starting with "{" or "`" back while it can still be
+  a bare call (so a JSON text or a code block is held only until it differs), and emits the call at the end.
+  Cut short inside the arguments, it is still a call (as a tagged one).
 - A call identical to an earlier call of the same output (same name, arguments equal as JSON values) is
   dropped: a small model may repeat a call (the grammar stops generation there). Streaming therefore holds
   every call after the first until it is complete.
@@ -232,7 +233,7 @@ class ToolCallStream:
         assert self._names is not None
         if not self._pending.strip() and not final:
             return False
-        if self._pending.lstrip().startswith("{"):
+        if self._pending.lstrip()[:1] in ("{", "`"):
             found = _bare_call(self._pending, self._names, final)
             if found == "hold":
                 return False
@@ -401,10 +402,19 @@ def _expect(text: str, pos: int, literal: str) -> int | str:
     return pos + len(literal) if len(piece) == len(literal) else "hold"
 
 
+_FENCES = ("```json\n", "```\n")
+
+
 def _bare_call(text: str, names: frozenset[str], final: bool) -> tuple[str, str] | str:
-    """Whether `text` (the output so far, starting with "{" after whitespace) is a bare call naming one of
+    """Whether `text` (the output so far, starting with "{" or "`" after whitespace) is a bare call naming one of
     `names`: (name, arguments) once decided (only when final), "hold" while it may still be one, else "no"."""
-    pos: int | str = 0
+    pos: int | str = _skip_space(text, 0)
+    fenced = text.startswith("`", pos)
+    if fenced:
+        opener = next((f for f in _FENCES if text.startswith(f, pos)), None)
+        if opener is None:
+            return "hold" if not final and any(f.startswith(text[pos:]) for f in _FENCES) else "no"
+        pos += len(opener)
     for literal in ("{", '"name"', ":"):
         pos = _expect(text, pos, literal) if isinstance(pos, int) else pos
     if not isinstance(pos, int):
@@ -433,7 +443,7 @@ def _bare_call(text: str, names: frozenset[str], final: bool) -> tuple[str, str]
     used = scan.feed(text[start:], final)
     arguments = (scan.string_value or "") if scan.is_string else text[start:start + used].rstrip()
     rest = text[start + used:].strip()
-    if rest and (rest[0] != "}" or rest[1:].strip()):
+    if rest and (rest[0] != "}" or not (fenced and "```".startswith(rest[1:].strip()) or not rest[1:].strip())):
         return "no"
     return (name, arguments) if final else "hold"
 

@@ -33,15 +33,17 @@ mode required / named: one call (several, separated by "\\n", when parallel), th
 call identical (name and arguments) to an earlier one in the same output makes the constraint `finished`
 (the engine stops; promptstash.tools drops the repeat), so a model cannot loop on one call.
 mode auto: the output is one of
-  - a bare call: optional whitespace, `{"name": "<a tool>", "arguments": <its JSON>}` (no tags), then EOS;
-    that is, an output whose first non-whitespace character is "{" must be such a call (small models often
-    answer with the bare form; promptstash.tools recognises it given the tool names);
-  - free text (first non-whitespace character not "{"), until the model starts a tagged call; from there the
+  - a bare call: optional whitespace, `{"name": "<a tool>", "arguments": <its JSON>}` (no tags), perhaps in a
+    Markdown code fence ("```json\\n" or "```\\n" before, "\\n```" after), then EOS; that is, an output starting
+    (after whitespace) with "{", "```json\\n{" or "```\\n{" must be such a call (small models often answer so:
+    Qwen2.5-Coder-0.5B writes the fenced form; promptstash.tools recognises both given the tool names);
+  - free text (any other start), until the model starts a tagged call; from there the
     call must be well formed and only further calls (if parallel) or EOS may follow;
   - with `text_schema`: instead of free text, JSON matching text_schema (a JSON output format together with
     tools), or tagged calls only.
 When `<tool_call>` is one token (Qwen2.5) and there is no text_schema, auto mode is constrained only until the
-first non-whitespace character: free text is then unconstrained (allowed() None) until `<tool_call>` is sampled.
+output's start tells free text from a bare call: free text is then unconstrained (allowed() None) until
+`<tool_call>` is sampled.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ class GrammarViolation(RuntimeError):
     """A token the grammar does not allow was accepted (the sampler did not apply the mask)."""
 
 
+_BARE_OPENERS = (b"{", b"```json\n{", b"```\n{")  # after whitespace: the output is a bare call (auto mode)
+_BARE_START = r"[ \t\r\n]*(\{|```(json)?\n\{)"
 _JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}  # see NOTE above
 _WHITESPACE = b" \t\r\n"
 _UNSUPPORTED = ("Unimplemented key", "Unknown format", "not supported", "nsupported")
@@ -252,7 +256,7 @@ class _ToolConstraint:
     auto mode with that token, nothing but whitespace written yet (the matcher decides between a bare call,
     free text and a tagged call); `_log`: the calls so far (parallel calls), to stop at a repeated one."""
 
-    __slots__ = ("_grammar", "_inner", "_open", "_log")
+    __slots__ = ("_grammar", "_inner", "_open", "_log", "_start")
 
     def __init__(self, grammar: _Compiled, inner: _MatcherConstraint | _UnionConstraint | None, open_: bool,
                  log: _CallLog | None) -> None:
@@ -260,6 +264,7 @@ class _ToolConstraint:
         self._inner = inner
         self._open = open_
         self._log = log
+        self._start = b""  # while open: the output so far, leading whitespace dropped
 
     def allowed(self) -> torch.Tensor | None:
         return None if self._inner is None else self._inner.allowed()
@@ -276,18 +281,23 @@ class _ToolConstraint:
         if self._open:
             if token_id == grammar.trigger:
                 self._open = False
-            elif text := grammar.vocab.lltok.decode_bytes([token_id]).lstrip(_WHITESPACE):
+                return
+            self._start = (self._start + grammar.vocab.lltok.decode_bytes([token_id])).lstrip(_WHITESPACE)
+            if any(self._start.startswith(opener) for opener in _BARE_OPENERS):
+                self._open = False  # a bare call: the matcher holds it to the grammar
+            elif self._start and not any(opener.startswith(self._start) for opener in _BARE_OPENERS):
                 self._open = False
-                if not text.startswith(b"{"):
-                    self._inner = None  # free text: unconstrained until <tool_call>
+                self._inner = None  # free text: unconstrained until <tool_call>
 
     @property
     def finished(self) -> bool:
         return (self._inner is not None and self._inner.finished) or (self._log is not None and self._log.repeated)
 
     def fork(self) -> _ToolConstraint:
-        return _ToolConstraint(self._grammar, None if self._inner is None else self._inner.fork(), self._open,
+        fork = _ToolConstraint(self._grammar, None if self._inner is None else self._inner.fork(), self._open,
                                None if self._log is None else self._log.fork())
+        fork._start = self._start
+        return fork
 
 
 _CALL_START_BYTES = CALL_START.encode()
@@ -556,7 +566,7 @@ def _compile_tools(spec: GrammarSpec, vocab: _Vocab, vocab_size: int) -> _Compil
         "call: " + " | ".join(f"call_{i}" for i in range(len(rules))),
         f'block: {start} "\\n" call "\\n" {end}',
         f'rest: "\\n" call "\\n" {end}{more}',
-        "bare: LEAD? call",
+        'bare: LEAD? call | LEAD? "```json\\n" call "\\n```" | LEAD? "```\\n" call "\\n```"',
         r"LEAD: /[ \t\r\n]+/",
         *rules,
     ]
@@ -569,13 +579,13 @@ def _compile_tools(spec: GrammarSpec, vocab: _Vocab, vocab_size: int) -> _Compil
         # the matcher decides only the output's form (its first non-whitespace token): free text is then
         # unconstrained, and the calls after a sampled <tool_call> token get the matcher of `rest`
         top = f"start: bare | TEXT | LEAD? {start} rest"
-        lines.append(r"TEXT: /(?s:.*)/ & ~/[ \t\r\n]*\{(?s:.*)/")
+        lines.append(rf"TEXT: /(?s:.*)/ & ~/{_BARE_START}(?s:.*)/")
         rest = _tool_matcher(vocab, ["start: rest", *lines])
     else:
         top = "start: bare | TEXT | head rest"
         lines += [
-            rf"TEXT: /(?s:.*)/ & ~/(?s:.*){_regex_escape(CALL_START)}(?s:.*)/ & ~/[ \t\r\n]*\{{(?s:.*)/",
-            rf"head[lazy]: /[ \t\r\n]*([^{{ \t\r\n](?s:.*))?{_regex_escape(CALL_START)}/",
+            rf"TEXT: /(?s:.*)/ & ~/(?s:.*){_regex_escape(CALL_START)}(?s:.*)/ & ~/{_BARE_START}(?s:.*)/",
+            rf"head[lazy]: /(?s:.*){_regex_escape(CALL_START)}/ & ~/{_BARE_START}(?s:.*)/",
         ]
     return _Compiled(spec, vocab, vocab_size, _tool_matcher(vocab, [top, *lines]), rest,
                      text if spec.tool_mode == "auto" else None)
