@@ -121,3 +121,48 @@ def test_greedy_output_is_identical_with_caching_on_and_off(served, kind) -> Non
         jsonschema.validate(json.loads(hit[0]), WEATHER)
     else:
         assert hit[1] and hit[2] == "tool_calls"
+
+
+def test_a_generated_call_is_cached_through_in_the_next_step(served) -> None:
+    """Constrained JSON has tojson's layout, so the call renders back to the tokens the model generated: step 2
+    reads step 1's prompt and its generated call (up to the last full block) from the cache."""
+    srv, _ = served
+    client = _client(srv)
+    messages = [{"role": "system", "content": "You are a travel assistant. Use the tools to answer."},
+                {"role": "user", "content": "What is the weather in Lima?"}]
+    kwargs = dict(model=srv.state.model_name, tools=TOOLS, max_tokens=60, temperature=0,
+                  extra_body={"cache_salt": "render-back"})
+    first = client.chat.completions.create(messages=messages, tool_choice="required", **kwargs)
+    (call,) = first.choices[0].message.tool_calls  # one call: parallel calls are off by default
+    assert first.choices[0].finish_reason == "tool_calls"
+    messages += [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                         "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    second = client.chat.completions.create(messages=messages, **kwargs)
+    block = srv.engine.config.block_size
+    with_kv = first.usage.prompt_tokens + first.usage.completion_tokens - 1  # the last sampled token has no K/V
+    assert second.usage.prompt_tokens_details.cached_tokens >= with_kv // block * block > first.usage.prompt_tokens
+
+
+def test_tool_choice_auto_gets_a_call(served) -> None:
+    """The model answers "auto" with a bare (here fenced) {"name", "arguments"} object, not a tagged call: the
+    grammar holds it to a valid call and the parser takes it, streamed or not."""
+    srv, _ = served
+    client = _client(srv)
+    kwargs = dict(model=srv.state.model_name, tools=TOOLS, max_tokens=60, temperature=0,
+                  messages=[{"role": "user", "content": "What is the weather in Lima?"}])
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    arguments, names, reasons = "", [], []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            assert not c.delta.content
+            for delta in c.delta.tool_calls or ():
+                names += [delta.function.name] if delta.function.name else []
+                arguments += delta.function.arguments or ""
+            reasons += [c.finish_reason] if c.finish_reason else []
+    assert names == ["get_weather"] and arguments == call.function.arguments and reasons == ["tool_calls"]
