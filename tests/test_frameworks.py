@@ -85,8 +85,7 @@ def _run_agent(served, model: Any) -> tuple[list[dict[str, Any]], Any]:
 
     agent = Agent(name="weather", instructions="Answer with the weather tool.", tools=[lookup_weather],
                   model=model, tool_use_behavior="stop_on_first_tool",
-                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=48,
-                                                temperature=0))
+                  model_settings=ModelSettings(tool_choice="required", max_tokens=48, temperature=0))
     result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=2))
     return calls, result
 
@@ -147,6 +146,41 @@ def test_openai_agents_structured_output_type(served, name) -> None:
     fits(result.final_output.model_dump(), Weather.model_json_schema())
 
 
+@pytest.mark.parametrize("api", ["responses", "chat"])
+def test_openai_agents_function_tool_and_output_type(served, name, api: str) -> None:
+    """An Agent with a tool and an output_type sends both (tools + a json_schema format, tool_choice auto; once a
+    400): the model's first turn is a call (its bare, fenced answer on auto), the run stops at the tool. (Told the
+    tool's result, this 0.5B model calls the tool again rather than answer, so the run stops there.)"""
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        OpenAIResponsesModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+
+    set_tracing_disabled(True)
+    calls: list[str] = []
+    paths: list[str] = []
+
+    @function_tool
+    def lookup_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        calls.append(city)
+        return f"{city}: sunny, 21 degrees Celsius"
+
+    model_class = OpenAIResponsesModel if api == "responses" else OpenAIChatCompletionsModel
+    agent = Agent(name="reporter", instructions="Use the weather tool, then report the weather.",
+                  tools=[lookup_weather], output_type=Weather, tool_use_behavior="stop_on_first_tool",
+                  model=model_class(model=name, openai_client=_async_client(served, paths)),
+                  model_settings=ModelSettings(max_tokens=64, temperature=0))
+    result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=2))
+    assert calls == ["Paris"] and result.final_output == "Paris: sunny, 21 degrees Celsius"
+    assert paths == ["/v1/responses" if api == "responses" else "/v1/chat/completions"]
+
+
 # -- LangChain ChatOpenAI ---------------------------------------------------------------------------------------
 
 def _chat_openai(served, name: str, **options: Any):
@@ -156,9 +190,9 @@ def _chat_openai(served, name: str, **options: Any):
 
 @pytest.mark.parametrize("tool_choice", ["get_weather", "any"])
 def test_langchain_chat_openai_bind_tools(served, name, tool_choice: str) -> None:
-    llm = _chat_openai(served, name).bind_tools([get_weather], tool_choice=tool_choice, parallel_tool_calls=False)
+    llm = _chat_openai(served, name).bind_tools([get_weather], tool_choice=tool_choice)
     message = llm.invoke("What is the weather in Paris?")
-    assert len(message.tool_calls) >= 1
+    assert len(message.tool_calls) == 1  # parallel calls are off unless asked for
     call = message.tool_calls[0]
     assert call["name"] == "get_weather" and call["id"]
     fits(call["args"], get_weather.args_schema.model_json_schema())
@@ -166,7 +200,7 @@ def test_langchain_chat_openai_bind_tools(served, name, tool_choice: str) -> Non
 
 
 def test_langchain_chat_openai_streamed_tool_call(served, name) -> None:
-    llm = _chat_openai(served, name).bind_tools([get_weather], tool_choice="get_weather", parallel_tool_calls=False)
+    llm = _chat_openai(served, name).bind_tools([get_weather], tool_choice="get_weather")
     chunks = list(llm.stream("What is the weather in Paris?"))
     message = chunks[0]
     for chunk in chunks[1:]:
@@ -189,7 +223,7 @@ def test_langchain_chat_openai_with_structured_output(served, name, method: str)
 
 def test_langchain_chat_openai_on_the_responses_api(served, name) -> None:
     llm = _chat_openai(served, name, use_responses_api=True)
-    message = llm.bind_tools([get_weather], tool_choice="get_weather", parallel_tool_calls=False).invoke(
+    message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(
         "What is the weather in Paris?")
     assert [c["name"] for c in message.tool_calls] == ["get_weather"]
     fits(message.tool_calls[0]["args"], get_weather.args_schema.model_json_schema())
@@ -204,9 +238,9 @@ def _chat_anthropic(served, name: str):
 
 @pytest.mark.parametrize("tool_choice", ["get_weather", "any"])
 def test_langchain_chat_anthropic_bind_tools(served, name, tool_choice: str) -> None:
-    llm = _chat_anthropic(served, name).bind_tools([get_weather], tool_choice=tool_choice, parallel_tool_calls=False)
+    llm = _chat_anthropic(served, name).bind_tools([get_weather], tool_choice=tool_choice)
     message = llm.invoke("What is the weather in Paris?")
-    assert len(message.tool_calls) >= 1
+    assert len(message.tool_calls) == 1  # parallel calls are off unless asked for
     call = message.tool_calls[0]
     assert call["name"] == "get_weather" and call["id"]
     fits(call["args"], get_weather.args_schema.model_json_schema())
@@ -240,8 +274,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
                          ids=["required", "named"])
 def test_litellm_completion_with_tools(served, name, tool_choice) -> None:
     response = litellm.completion(model=f"openai/{name}", api_base=served.url + "/v1", api_key="unused",
-                                  messages=ASK, tools=TOOLS, tool_choice=tool_choice, parallel_tool_calls=False,
-                                  max_tokens=48, temperature=0)
+                                  messages=ASK, tools=TOOLS, tool_choice=tool_choice, max_tokens=48, temperature=0)
     calls = response.choices[0].message.tool_calls
     assert calls and calls[0].function.name == "get_weather"
     fits(calls[0].function.arguments, WEATHER_SCHEMA)
@@ -251,7 +284,7 @@ def test_litellm_completion_with_tools(served, name, tool_choice) -> None:
 def test_litellm_tool_loop_caches_the_history(served, name) -> None:
     """Two steps of a tool loop: the second request resends tools + history and reuses the first's prompt."""
     kwargs = dict(model=f"openai/{name}", api_base=served.url + "/v1", api_key="unused", tools=TOOLS,
-                  parallel_tool_calls=False, max_tokens=32, temperature=0)
+                  max_tokens=32, temperature=0)
     first = litellm.completion(messages=ASK, tool_choice="required", **kwargs)
     call = first.choices[0].message.tool_calls[0]
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
