@@ -55,7 +55,7 @@ def test_function_tool_call_then_its_output_equal_caching_off(served) -> None:
     srv, off, client = served
     question = "What is the weather in Paris right now?"
     call_turn = client.responses.create(model=srv.state.model_name, input=question, tools=[WEATHER],
-                                        tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                        tool_choice="required", temperature=0,
                                         max_output_tokens=48)
     calls = [item for item in call_turn.output if item.type == "function_call"]
     assert call_turn.status == "completed" and len(calls) == 1 and calls[0].name == "get_weather"
@@ -79,7 +79,7 @@ def test_function_tool_call_then_its_output_equal_caching_off(served) -> None:
                 ChatMessage("tool", (TextBlock(result),), tool_call_id=call.id, name="get_weather")]
     prompt = off.render(history, tools=tools).token_ids
     assert answer.usage.input_tokens == len(prompt)
-    ref = off.generate(prompt, max_tokens=24, grammar=GrammarSpec.tool_calls(tools, "auto", None, True))
-    content, ref_calls = parse_tool_calls(ref.text)
+    ref = off.generate(prompt, max_tokens=24, grammar=GrammarSpec.tool_calls(tools, "auto", None, False))
+    content, ref_calls = parse_tool_calls(ref.text, ["get_weather"])  # the model may answer with a bare call
     assert answer.output_text == content
     assert [c.arguments for c in ref_calls] == [i.arguments for i in answer.output if i.type == "function_call"]
