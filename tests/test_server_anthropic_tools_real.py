@@ -53,7 +53,9 @@ def test_forced_tool_call_validates_and_equals_caching_off(served) -> None:
     srv, off = served
     client = client_of(srv)
     tools = [{**WEATHER, "cache_control": {"type": "ephemeral", "ttl": "1h"}}, TIME]
-    kw = {"model": srv.state.model_name, "max_tokens": 48, "tools": tools, "extra_body": GREEDY,
+    # a salt of its own: other modules share this engine, and may have cached the same tool definitions
+    kw = {"model": srv.state.model_name, "max_tokens": 48, "tools": tools,
+          "extra_body": {**GREEDY, "cache_salt": "forced-tool-call"},
           "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}}
     first = client.messages.create(messages=[{"role": "user", "content": QUESTION}], **kw)
     [use] = first.content
