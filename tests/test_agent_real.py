@@ -11,6 +11,8 @@ pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.timeout(600)
 
 from real_model_helpers import SYSTEM, engines  # noqa: E402
 
+SHORT_SYSTEM = "\n".join(SYSTEM.splitlines()[:9])  # ~200 tokens: enough to span several cached blocks
+
 from promptstash.engine.grammar import GrammarSpec  # noqa: E402
 from promptstash.tools import ToolDef, parse_tool_calls  # noqa: E402
 
@@ -25,7 +27,7 @@ TOOLS = [ToolDef("run_linter", "Run a linter on a file and report the findings."
 
 
 def _messages(question: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    return [{"role": "system", "content": SHORT_SYSTEM}, {"role": "user", "content": question}]
 
 
 def _prompt(engine, question: str, tools=()) -> list[int]:
@@ -40,7 +42,7 @@ def test_schema_output_is_valid_and_identical_with_caching_on_and_off() -> None:
     prompt = _prompt(on, "Describe: def f(x): return x * 2. Answer in JSON.")
     cached = on.generate(prompt, max_tokens=60, grammar=grammar, namespace="schema")
     fresh = off.generate(prompt, max_tokens=60, grammar=grammar)
-    assert cached.usage.cached_tokens >= 1000 and fresh.usage.cached_tokens == 0
+    assert cached.usage.cached_tokens >= 160 and fresh.usage.cached_tokens == 0
     assert cached.token_ids == fresh.token_ids
     doc = json.loads(cached.text)
     assert set(doc) == {"language", "lines", "risky"} and doc["language"] in ("python", "rust", "go")
@@ -54,7 +56,7 @@ def test_tool_call_is_valid_and_identical_with_caching_on_and_off() -> None:
     prompt = _prompt(on, "Please lint the file src/server/app.py strictly.", TOOLS)
     cached = on.generate(prompt, max_tokens=60, grammar=grammar, namespace="tools")
     fresh = off.generate(prompt, max_tokens=60, grammar=grammar)
-    assert cached.usage.cached_tokens >= 1000
+    assert cached.usage.cached_tokens >= 160
     assert cached.token_ids == fresh.token_ids
     content, calls = parse_tool_calls(cached.text)
     assert len(calls) == 1 and calls[0].name in ("run_linter", "open_file")
@@ -63,7 +65,7 @@ def test_tool_call_is_valid_and_identical_with_caching_on_and_off() -> None:
 
 def test_four_samples_compute_the_prompt_once_and_logprobs_match_recomputation() -> None:
     on, off = engines("float32")
-    prompt = _prompt(on, "Name a prime number between 10 and 30.")
+    prompt = on.render([{"role": "user", "content": "Name a prime number between 10 and 30."}]).token_ids
     before = off.stats().num_computed_prompt_tokens
     group = off.generate(prompt, max_tokens=8, n=4, temperature=1.0, seed=11, logprobs=2)
     assert off.stats().num_computed_prompt_tokens - before == len(prompt)  # computed once, not four times
@@ -71,7 +73,7 @@ def test_four_samples_compute_the_prompt_once_and_logprobs_match_recomputation()
         len(c.token_ids) for c in group.samples)
     import torch  # noqa: PLC0415
 
-    for sample in group.samples[:2]:
+    for sample in group.samples[:1]:
         full = prompt + list(sample.token_ids[:-1])
         logits = off.prompt_logits(full).logits.float()
         reference = torch.log_softmax(logits, dim=-1)[len(prompt) - 1:]
