@@ -59,6 +59,20 @@ def test_tokenize_and_detokenize_round_trip_text_and_chat_messages(server) -> No
     assert "<|im_start|>user" in text and "hello" in text
 
 
+def test_tokenize_renders_tools_as_chat_completions_would(server) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    plain = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    with_tools = httpx.post(server.url + "/tokenize", json={"messages": messages, "tools": tools}).json()
+    text = httpx.post(server.url + "/detokenize", json={"tokens": with_tools["tokens"]}).json()["prompt"]
+    assert with_tools["count"] > plain["count"] and "get_weather" in text
+    chat = httpx.post(server.url + "/v1/chat/completions", json={"model": model(server), "messages": messages,
+                                                                 "tools": tools, "max_tokens": 1}).json()
+    assert chat["usage"]["prompt_tokens"] == with_tools["count"]
+
+
 @pytest.mark.parametrize("path,body,mentions", [
     ("/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "x"}]}, "model"),
     ("/v1/messages/count_tokens", {"model": "MODEL", "messages": "nope"}, "messages"),
@@ -67,6 +81,8 @@ def test_tokenize_and_detokenize_round_trip_text_and_chat_messages(server) -> No
     ("/tokenize", {}, "prompt"),
     ("/tokenize", {"prompt": "x", "messages": []}, "not both"),
     ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f"}]}, "tools[0]"),
     ("/detokenize", {"tokens": [1, -1]}, "tokens"),
     ("/detokenize", {"tokens": "abc"}, "tokens"),
     ("/detokenize", {"tokens": [True]}, "tokens"),
@@ -84,7 +100,7 @@ def test_bad_token_counting_input_is_a_clear_400_and_the_server_keeps_serving(se
 
 @pytest.mark.parametrize("tools,status", [(None, 200), ([], 200), ({}, 400), ("", 400), (0, 400),
                                           ([{"name": "f"}], 400)])
-def test_tools_must_be_an_array_and_empty_until_tool_use_is_supported(server, tools, status) -> None:
+def test_tools_must_be_an_array_of_tool_definitions(server, tools, status) -> None:
     body = {"model": model(server), "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
     assert httpx.post(server.url + "/v1/messages", json=body).status_code == status
     chat = {"model": model(server), "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "tools": tools}

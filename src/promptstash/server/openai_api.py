@@ -211,6 +211,11 @@ def _tools(body: Body) -> tuple[ToolDef, ...]:
     return tuple(tools)
 
 
+def tools_of(body: Body) -> tuple[ToolDef, ...]:
+    """The request's OpenAI `tools` as ToolDefs (400 on malformed ones)."""
+    return _tools(body)
+
+
 def _tool_choice(body: Body, tools: Sequence[ToolDef]) -> tuple[str, str | None]:
     """(mode, name): mode none | auto | required | named (name: the function to call)."""
     value = body.data.get("tool_choice")

@@ -672,18 +672,21 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         "responses": {"200": _json_response("the count", _ref("TokenCount")), **_errors(True, 400, 404, 413)},
     })
 
-    chat_messages = _chat_request(names, max_model_len, vocab_size)["properties"]["messages"]
+    chat = _chat_request(names, max_model_len, vocab_size)["properties"]
+    chat_messages = chat["messages"]
     model = _nullable({"type": "string", "enum": names})
     special = _nullable({"type": "boolean", "description": "add the tokenizer's special tokens (default true)"})
     tokenize_body = {"oneOf": [
         {**_object({"model": model, "prompt": {"type": "string", "description": "raw text"},
-                    "add_special_tokens": special}, ("prompt",)), "not": {"required": ["messages"]}},
-        {**_object({"model": model, "messages": chat_messages}, ("messages",)), "not": {"required": ["prompt"]}},
+                    "add_special_tokens": special, "tools": {"type": "null"}}, ("prompt",)),
+         "not": {"required": ["messages"]}},
+        {**_object({"model": model, "messages": chat_messages, "tools": chat["tools"]}, ("messages",)),
+         "not": {"required": ["prompt"]}},
     ]}
     paths.setdefault("/tokenize", {}).setdefault("post", {}).update({
         "summary": "Token ids of a text or of chat messages (vLLM's shape)",
-        "description": "`prompt`: the text's tokens; `messages`: the OpenAI chat messages rendered with the chat "
-                       "template, exactly as /v1/chat/completions would compute them.",
+        "description": "`prompt`: the text's tokens; `messages` (and `tools`): the OpenAI chat messages rendered "
+                       "with the chat template, exactly as /v1/chat/completions would compute them.",
         "requestBody": {"required": True, "content": {JSON: {"schema": tokenize_body}}},
         "responses": {"200": _json_response("the tokens", _object(
             {"count": {"type": "integer"}, "max_model_len": {"type": "integer"},

@@ -3,7 +3,7 @@
     POST /v1/messages/count_tokens {model, messages, system?}  -> {"input_tokens": N, "cache_breakpoints": [...]}
         the body of /v1/messages (max_tokens optional), validated and rendered the same way, without running the
         model; each breakpoint says whether its prefix reaches --min-cacheable-tokens (shorter ones write nothing)
-    POST /tokenize {prompt | messages, add_special_tokens?}     -> {"count", "max_model_len", "tokens"}
+    POST /tokenize {prompt | messages + tools?, add_special_tokens?} -> {"count", "max_model_len", "tokens"}
     POST /detokenize {tokens}                                   -> {"prompt"}
 
 All of it runs on a worker thread (JSON, template, tokenizer), never on the event loop.
@@ -23,10 +23,10 @@ from promptstash.server.state import ServerState, registry_namespace
 from promptstash.server.validate import Body, parse_json_object
 
 
-def _render(state: ServerState, messages: list, tenant: str, param: str) -> Any:
+def _render(state: ServerState, messages: list, tenant: str, param: str, tools: tuple = ()) -> Any:
     state.check_prompt_chars(sum(len(b.text) for m in messages for b in m.blocks), param)
     try:
-        return state.engine.render(messages, registry_namespace(tenant))
+        return state.engine.render(messages, registry_namespace(tenant), tools=tools)
     except ContextLengthError as exc:
         raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
     except ValueError as exc:
@@ -42,8 +42,11 @@ def tokenize(state: ServerState, raw: bytes, tenant: str) -> dict[str, Any]:
     if "messages" in body.data:
         if "prompt" in body.data:
             raise body.fail("prompt", "give either prompt or messages, not both")
-        tokens = _render(state, openai_api.chat_messages_of(body), tenant, "messages").token_ids
+        tools = openai_api.tools_of(body)
+        tokens = _render(state, openai_api.chat_messages_of(body), tenant, "messages", tools).token_ids
     else:
+        if body.data.get("tools") is not None:
+            raise body.fail("tools", "tools go with messages (they are rendered by the chat template)")
         prompt = body.str("prompt", required=True)
         state.check_prompt_chars(len(prompt), "prompt")
         if state.engine.tokenizer is None:
