@@ -222,11 +222,11 @@ def run_agent(url: str, model: str, mode: str, agent: int, steps: int, max_token
             records.append(StepRecord(mode, agent, step, usage["prompt_tokens"],
                                       usage["prompt_tokens_details"]["cached_tokens"], usage["completion_tokens"],
                                       ttft, e2e, call and call["name"], call and call["arguments"]))
-            if calls:
+            if calls and data["choices"][0]["finish_reason"] == "tool_calls":
                 messages.append({"role": "assistant", "content": None, "tool_calls": calls[:1]})
                 messages.append({"role": "tool", "tool_call_id": calls[0]["id"],
                                  "content": fake_result(call["name"], call["arguments"], agent, step)})
-            else:  # no call (cut by max_tokens): the agent says "go on" and tries again
+            else:  # no complete call (cut by max_tokens): the agent says "go on" and tries again
                 messages.append({"role": "assistant", "content": message.get("content") or ""})
                 messages.append({"role": "user", "content": "Call one of the tools."})
     return records
