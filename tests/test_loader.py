@@ -17,6 +17,8 @@ from promptstash.models import loader
 from promptstash.models.loader import (
     DEFAULT_GGUF_SHA256,
     DEFAULT_MODEL_NAME,
+    FORMAT_VERSION,
+    GGUF_WEIGHTS,
     MARKER_NAME,
     DefaultModelPart,
     assemble_parts,
@@ -153,8 +155,9 @@ def test_gguf_converted_once_is_reused(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "tiny.gguf")
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     target = make_model_dir(tmp_path / "cache" / "models" / f"tiny-{sha[:12]}")
+    (target / GGUF_WEIGHTS).write_bytes(path.read_bytes())
     (target / MARKER_NAME).write_text(
-        json.dumps({"format_version": 1, "source_sha256": sha, "model_id": f"tiny@{sha[:12]}"})
+        json.dumps({"format_version": FORMAT_VERSION, "source_sha256": sha, "model_id": f"tiny@{sha[:12]}"})
     )
     resolved = resolve_model(path, cache_dir=tmp_path / "cache", progress=False)
     assert resolved.path == target
@@ -163,10 +166,21 @@ def test_gguf_converted_once_is_reused(tmp_path: Path) -> None:
 
 def test_default_model_cached_dir_needs_no_parts(tmp_path: Path) -> None:
     target = make_model_dir(tmp_path / "models" / DEFAULT_MODEL_NAME)
-    (target / MARKER_NAME).write_text(json.dumps({"format_version": 1, "source_sha256": DEFAULT_GGUF_SHA256}))
+    (target / GGUF_WEIGHTS).write_bytes(b"GGUF")
+    (target / MARKER_NAME).write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                  "source_sha256": DEFAULT_GGUF_SHA256}))
     resolved = resolve_model(None, cache_dir=tmp_path, progress=False)
     assert resolved.path == target
     assert resolved.model_id == f"{DEFAULT_MODEL_NAME}@{DEFAULT_GGUF_SHA256[:12]}"
+
+
+def test_a_float32_safetensors_dir_of_format_1_is_prepared_again(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "tiny.gguf")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    target = make_model_dir(tmp_path / "cache" / "models" / f"tiny-{sha[:12]}")  # safetensors, no model.gguf
+    (target / MARKER_NAME).write_text(json.dumps({"format_version": 1, "source_sha256": sha}))
+    with pytest.raises(AssertionError, match="reached the transformers conversion"):
+        resolve_model(path, cache_dir=tmp_path / "cache", progress=False)
 
 
 def fake_parts(tmp_path: Path) -> tuple[list[Path], bytes]:

@@ -37,7 +37,10 @@ def cpu_default_dtype() -> str:
 class EngineConfig:
     model: str | None = None  # HF directory or .gguf file; None = the default model
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
-    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    dtype: str = "auto"  # activations and KV: "auto" | "float32" | "bfloat16" | "float16"
+    # weights: "auto" | "float32" | "bfloat16" | "float16" | "int8" | "int4" (models/quant.py). "auto" with an
+    # explicit dtype keeps the weights in that dtype; with dtype "auto" too, it measures (Engine.from_pretrained)
+    weights: str = "auto"
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # KV pool size in blocks; None = kv_cache_tokens / block_size
     kv_cache_tokens: int = 32768
@@ -62,6 +65,15 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from promptstash.models.quant import WEIGHT_FORMATS
+
+        if self.weights != "auto" and self.weights not in WEIGHT_FORMATS:
+            raise InvalidRequestError(
+                f"weights must be 'auto' or one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        if self.weights in DTYPES and self.dtype not in ("auto", self.weights):
+            raise InvalidRequestError(
+                f"weights {self.weights!r} run in their own dtype; got dtype {self.dtype!r} (use dtype 'auto' or "
+                f"{self.weights!r}, or quantized weights: int8, int4)")
         for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_prefill_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -103,9 +115,21 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The activations' and KV's dtype."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
+        if self.weights in DTYPES:
+            return DTYPES[self.weights]
         return DTYPES[CUDA_DEFAULT_DTYPE if self.torch_device.type == "cuda" else cpu_default_dtype()]
+
+    @property
+    def fixed_weights(self) -> str | None:
+        """The weight format, unless it is left to measurement at load (weights and dtype both "auto")."""
+        if self.weights != "auto":
+            return self.weights
+        if self.dtype != "auto":
+            return self.dtype
+        return None
 
     @property
     def pool_blocks(self) -> int:

@@ -27,3 +27,7 @@ class UnsupportedArchitectureError(ModelLoadError):
 
 class CorruptModelError(ModelLoadError):
     """A model file that is truncated, has a wrong checksum or cannot be parsed."""
+
+
+class UnsupportedFormatError(ModelLoadError, ValueError):
+    """A weight format this model or device cannot run; the message names the supported ones."""

@@ -46,6 +46,7 @@ from promptstash.engine.scheduler import ScheduledChunk, Scheduler
 from promptstash.errors import ContextLengthError, InvalidRequestError
 from promptstash.models.config import ModelConfig
 from promptstash.models.llama import KVCache, LlamaModel
+from promptstash.models.quant import QUANTIZED_FORMATS
 from promptstash.prompts import ChatMessage, RenderedPrompt, chat_messages, render
 from promptstash.tools import ToolDef
 
@@ -143,6 +144,8 @@ class Engine:
         num_blocks = config.pool_blocks
         self.kv = KVCache(mcfg, num_blocks, block_size, model.dtype, model.device)
         kv_layout = f"bs{block_size}/{str(model.dtype).removeprefix('torch.')}"
+        if model.weight_format in QUANTIZED_FORMATS:  # NOTE: other weights, other K/V: never shared
+            kv_layout += f"/{model.weight_format}"
         self.kv_store = self._make_store(model_id, kv_layout) if config.enable_prefix_caching else None
         self.cache = CacheManager(num_blocks, block_size, model_id, kv_layout, config.enable_prefix_caching,
                                   clock=clock, max_protected_blocks=int(num_blocks * config.max_protected_fraction),
@@ -211,17 +214,29 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | None = None, **options: Any) -> Engine:
         """Load a HF directory, a .gguf file, or (model=None) the default model; options: EngineConfig fields."""
-        from promptstash.models.loader import load_state_dict, resolve_model
+        from promptstash.models.gguf import release_free_memory
+        from promptstash.models.loader import load_weights, resolve_model
+        from promptstash.models.quant import QUANTIZED_FORMATS, auto_format, check_format, choose_dense_min_rows
         from promptstash.models.tokenizer import Tokenizer
 
         config = EngineConfig.from_options(model, **options)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        device, dtype = config.torch_device, config.torch_dtype
+        weight_format = config.fixed_weights
+        if weight_format is not None:
+            check_format(weight_format, device)  # before the (slow) load
         resolved = resolve_model(config.model, cache_dir=config.cache_dir, progress=config.progress)
         model_config = ModelConfig.from_dir(resolved.path)
-        weights = load_state_dict(resolved.path, config.torch_dtype, config.torch_device, progress=config.progress)
-        llama = LlamaModel(model_config, weights, config.torch_dtype, config.torch_device)
+        shape = (model_config.hidden_size, 2 * model_config.intermediate_size)  # the biggest per-layer product
+        if weight_format is None:
+            weight_format = auto_format(dtype, device, *shape)
+        dense_min_rows = choose_dense_min_rows(*shape, dtype, device) if weight_format in QUANTIZED_FORMATS else 0
+        weights = load_weights(resolved.path, weight_format, dtype, device, model_config.num_heads,
+                               model_config.num_kv_heads, progress=config.progress)
+        llama = LlamaModel(model_config, weights, dtype, device, weight_format, dense_min_rows)
         del weights
+        release_free_memory()
         return cls(llama, Tokenizer.from_dir(resolved.path), config, resolved.model_id, resolved.path)
 
     # -- requests --------------------------------------------------------------------------------

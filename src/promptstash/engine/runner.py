@@ -69,7 +69,7 @@ class ModelRunner:
                 layer = min(repair.blend_layer, len(self.model.layers) - 1)
                 logits, kept = self.model.forward_blend(batch, self.kv, BlendSpec(layer, num_keep, candidates))
                 parts[i] = (logits, positions[rows[0]], kept)
-        vocab = self.model.lm_head.shape[0]
+        vocab = self.model.vocab_size
         empty = torch.empty(0, vocab, device=self.device)
         out_logits, out_positions, out_rows, kept_all = [], [], [], []
         first = 0

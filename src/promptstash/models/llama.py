@@ -11,14 +11,24 @@ layers run once over all T rows, attention runs per sequence over that sequence'
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from promptstash.config import cpu_has_native_bf16
-from promptstash.errors import CorruptModelError, UnsupportedArchitectureError
+from promptstash.errors import CorruptModelError, UnsupportedArchitectureError, UnsupportedFormatError
 from promptstash.models.config import ModelConfig
+from promptstash.models.quant import (
+    QUANTIZED_FORMATS,
+    WEIGHT_FORMATS,
+    DenseLinear,
+    QuantLinear,
+    QuantWeight,
+    concat_rows,
+    quantize,
+)
 
 
 @dataclass(frozen=True)
@@ -127,71 +137,151 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class LlamaModel:
-    """Weights plus a stateless forward; the KV lives in a KVCache passed to every call."""
+Linear = DenseLinear | QuantLinear
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device) -> None:
+
+@dataclass(frozen=True)
+class DecoderLayer:
+    ln1: torch.Tensor  # [hidden]
+    qkv: Linear  # hidden -> (H_q + 2 H_kv) * D, q/k/v fused
+    o: Linear  # H_q * D -> hidden
+    ln2: torch.Tensor
+    gate_up: Linear  # hidden -> 2 * inter, gate/up fused
+    down: Linear  # inter -> hidden
+
+
+class LlamaModel:
+    """Weights plus a stateless forward; the KV lives in a KVCache passed to every call.
+
+    `weights` maps HF names to float tensors, or to QuantWeight for weights already quantized (a GGUF read
+    straight into int8/int4). `weight_format` says how linear weights are held (models/quant.py); float
+    weights are quantized here when it is int8 or int4. `dtype` is the activations' and the KV's dtype.
+    """
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor | QuantWeight], dtype: torch.dtype,
+                 device: torch.device, weight_format: str | None = None, dense_min_rows: int = 64) -> None:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
+        self.weight_format = weight_format or str(dtype).removeprefix("torch.")
+        quantized = self.weight_format in QUANTIZED_FORMATS
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise UnsupportedFormatError(
+                f"unknown weight format {self.weight_format!r}; supported: {', '.join(WEIGHT_FORMATS)}")
+        # NOTE: on CPUs without bfloat16/float16 matrix instructions those matmuls are ~4x slower than
+        # float32, so batches of at least UPCAST_MIN_ROWS rows compute in float32 from the half-precision
+        # weights (converted per call; memory stays half-size) and round the result back.
+        slow_half = self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16()
+        upcast = UPCAST_MIN_ROWS if slow_half else None
+        self._dense: list[DenseLinear] = []
 
-        def take(name: str) -> torch.Tensor:
+        def raw(name: str) -> torch.Tensor | QuantWeight:
             if name not in weights:
                 raise CorruptModelError(f"checkpoint is missing tensor {name!r}")
-            return weights[name].to(device=self.device, dtype=dtype)
+            return weights[name]
+
+        def take(name: str) -> torch.Tensor:
+            value = raw(name)
+            assert isinstance(value, torch.Tensor), name
+            return value.to(device=self.device, dtype=dtype)
 
         def maybe(name: str) -> torch.Tensor | None:
             return take(name) if name in weights else None
 
-        self.embed = take("model.embed_tokens.weight")  # [V, hidden]
+        def linear(names: list[str], bias_names: list[str] | None = None) -> DenseLinear | QuantLinear:
+            """One linear layer over the row-wise concatenation of `names` (fused projections)."""
+            biases = [maybe(n) for n in bias_names] if bias_names else []
+            bias = torch.cat(biases) if biases and all(b is not None for b in biases) else None  # type: ignore[arg-type]
+            parts = [raw(n) for n in names]
+            if quantized:
+                q = [p if isinstance(p, QuantWeight) else quantize(p, self.weight_format) for p in parts]
+                return QuantLinear(q[0] if len(q) == 1 else concat_rows(q), bias, self.device, dense_min_rows)
+            dense = torch.cat([(p.dequantize() if isinstance(p, QuantWeight) else p).to(device=self.device,
+                               dtype=dtype) for p in parts])
+            layer = DenseLinear(dense, bias, upcast)
+            self._dense.append(layer)
+            return layer
+
+        embed = raw("model.embed_tokens.weight")  # [V, hidden]
+        if quantized:
+            # NOTE: the embedding is int8 (rows dequantized at lookup) in both quantized formats
+            self.embed_q: QuantWeight | None = embed if isinstance(embed, QuantWeight) else quantize(embed, "int8")
+            self.embed = None
+        else:
+            self.embed_q = None
+            self.embed = take("model.embed_tokens.weight")
+        tied = config.tie_word_embeddings and "lm_head.weight" not in weights
+        if tied and quantized and self.weight_format == "int8":
+            assert self.embed_q is not None
+            self.lm_head: DenseLinear | QuantLinear = QuantLinear(self.embed_q, None, self.device, dense_min_rows)
+        elif tied and not quantized:
+            self.lm_head = DenseLinear(self.embed, None, upcast)  # type: ignore[arg-type]
+            self._dense.append(self.lm_head)
+        else:
+            self.lm_head = linear(["model.embed_tokens.weight" if tied else "lm_head.weight"])
+        self.vocab_size = self.lm_head.out_features if isinstance(self.lm_head, QuantLinear) \
+            else self.lm_head.w_t.shape[1]
         self.norm = take("model.norm.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings and "lm_head.weight" not in weights \
-            else take("lm_head.weight")  # [V, hidden]
-        self.layers: list[dict[str, torch.Tensor | None]] = []
+        self.layers: list[DecoderLayer] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            # NOTE: weights are stored transposed ([in, out], contiguous): x @ w is faster than
-            # F.linear's x @ w.T on CPU for small and mid-sized batches.
-            qkv_w = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).t().contiguous()
-            biases = [maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
-            qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
-            self.layers.append({
-                "ln1": take(p + "input_layernorm.weight"),
-                "qkv_w": qkv_w,  # [(H_q + 2 H_kv) * D, hidden]
-                "qkv_b": qkv_b,
-                "o_w": take(p + "self_attn.o_proj.weight").t().contiguous(),  # [H_q * D, hidden]
-                "ln2": take(p + "post_attention_layernorm.weight"),
-                "gate_up_w": torch.cat([take(p + "mlp.gate_proj.weight"),
-                                        take(p + "mlp.up_proj.weight")]).t().contiguous(),  # [hidden, 2 inter]
-                "down_w": take(p + "mlp.down_proj.weight").t().contiguous(),  # [inter, hidden]
-            })
+            attn = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+            self.layers.append(DecoderLayer(
+                ln1=take(p + "input_layernorm.weight"),
+                qkv=linear(attn, [p + f"self_attn.{n}_proj.bias" for n in "qkv"]),
+                o=linear([p + "self_attn.o_proj.weight"]),
+                ln2=take(p + "post_attention_layernorm.weight"),
+                gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                down=linear([p + "mlp.down_proj.weight"]),
+            ))
         self.inv_freq = _inv_freq(config).to(self.device)  # [D / 2] float32
-        # NOTE: on CPUs without bfloat16/float16 matrix instructions those matmuls are ~4x slower than
-        # float32, so batches of at least this many rows compute in float32 from the half-precision
-        # weights (converted per call; memory stays half-size) and round the result back.
-        slow_half = self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16()
-        self.upcast_min_rows: int | None = UPCAST_MIN_ROWS if slow_half else None
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
-    def _matmul(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, in] @ w_t [in, out] (+ bias)."""
-        if self.upcast_min_rows is not None and x.shape[0] >= self.upcast_min_rows:
-            y = x.float() @ w_t.float()
-            if bias is not None:
-                y += bias.float()
-            return y.to(x.dtype)
-        return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+    @property
+    def upcast_min_rows(self) -> int | None:
+        return self._dense[0].upcast_min_rows if self._dense else None
+
+    @upcast_min_rows.setter
+    def upcast_min_rows(self, rows: int | None) -> None:
+        for layer in self._dense:
+            layer.upcast_min_rows = rows
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes held by the weights (linear layers, embedding, norms)."""
+        total = self.norm.numel() * self.norm.element_size() + self.lm_head.nbytes
+        for layer in self.layers:
+            total += (layer.ln1.numel() + layer.ln2.numel()) * layer.ln1.element_size()
+            total += layer.qkv.nbytes + layer.o.nbytes + layer.gate_up.nbytes + layer.down.nbytes
+        if self.embed is not None and not (isinstance(self.lm_head, DenseLinear) and self.lm_head.w_t is self.embed):
+            total += self.embed.numel() * self.embed.element_size()
+        if self.embed_q is not None and not (isinstance(self.lm_head, QuantLinear) and self.lm_head.bits == 8
+                                             and self.lm_head.values is self.embed_q.values):
+            total += self.embed_q.values.numel() + self.embed_q.scale.numel() * 4
+        return total
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_q is not None:
+            return self.embed_q.rows(input_ids).to(self.dtype)
+        assert self.embed is not None
+        return self.embed[input_ids]
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
-        return weight * x32.to(x.dtype)
+        """Normalized in float32, rounded to the model dtype, then scaled (as HF does). One fused op."""
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps).to(x.dtype)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos [T, 1, D] and the signed sin [T, 1, D] of `_apply_rope`."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+        sin = emb.sin()
+        sin[:, : sin.shape[1] // 2].neg_()
+        return emb.cos().to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
+
+    @staticmethod
+    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin, with rotate_half(x) = roll(x, D/2) * (-1 | +1): three ops."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
     def move_keys(self, k: torch.Tensor, shift: int) -> torch.Tensor:
         """Keys written at positions i, as if they had been written at positions i + shift.
@@ -213,13 +303,14 @@ class LlamaModel:
         """One query token over its whole context: [H_q, D] x [ctx, H_kv, D] -> [H_q, D].
 
         Two batched matmuls per KV head group; the CPU flash-attention kernel is slow for a single query.
-        Query head h reads KV head h // (H_q / H_kv), as in grouped-query attention.
+        Query head h reads KV head h // (H_q / H_kv), as in grouped-query attention. Computed in float32:
+        half-precision bmm of these small shapes is 1.3-2x slower on CPU than converting first (measured).
         """
         h_kv = k.shape[1]
-        qg = q.view(h_kv, -1, q.shape[-1])  # [H_kv, G, D]
-        scores = torch.bmm(qg, k.permute(1, 2, 0)).float() * self.scale  # [H_kv, G, ctx]
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.bmm(probs, v.transpose(0, 1)).view(q.shape)  # [H_kv, G, D] -> [H_q, D]
+        qg = q.reshape(h_kv, -1, q.shape[-1]).float()  # [H_kv, G, D]
+        scores = torch.bmm(qg, k.permute(1, 2, 0).float()) * self.scale  # [H_kv, G, ctx]
+        probs = torch.softmax(scores, dim=-1)
+        return torch.bmm(probs, v.transpose(0, 1).float()).view(q.shape).to(q.dtype)  # [H_q, D]
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
@@ -240,15 +331,13 @@ class LlamaModel:
         logits_indices = batch.logits_indices
         kept = torch.ones(num_tokens, dtype=torch.bool, device=self.device)
         cos, sin = self._rope(positions)  # [T, 1, D]
-        hidden = self.embed[batch.input_ids]  # [T, hidden]
+        hidden = self._embed(batch.input_ids)  # [T, hidden]
         for i, layer in enumerate(self.layers):
-            x = self._rms_norm(hidden, layer["ln1"])
-            qkv = self._matmul(x, layer["qkv_w"], layer["qkv_b"])  # [T, (H_q + 2 H_kv) * D]
-            q, k, v = qkv.split([h_q * d, h_kv * d, h_kv * d], dim=-1)
-            q = q.view(num_tokens, h_q, d)
-            k = k.view(num_tokens, h_kv, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            x = self._rms_norm(hidden, layer.ln1)
+            qkv = layer.qkv(x)  # [T, (H_q + 2 H_kv) * D]
+            qk = self._apply_rope(qkv[:, :(h_q + h_kv) * d].view(num_tokens, h_q + h_kv, d), cos, sin)
+            q, k = qk[:, :h_q], qk[:, h_q:]  # [T, H_q, D], [T, H_kv, D]
+            v = qkv[:, (h_q + h_kv) * d:]
             k_pool, v_pool = kv.k[i], kv.v[i]  # [num_slots, H_kv, D]
             if blend is not None and i == blend.layer:
                 kept = self._blend_select(blend, v.reshape(num_tokens, h_kv, d), v_pool, slot_mapping)
@@ -269,10 +358,10 @@ class LlamaModel:
                     qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],  # [1, H_kv, ctx, D]
                     attn_mask=seq.mask, is_causal=seq.causal, scale=self.scale, enable_gqa=True)
                 attn[seq.token_start:seq.token_end] = out[0].transpose(0, 1)
-            hidden = hidden + self._matmul(attn.view(num_tokens, h_q * d), layer["o_w"])
-            x = self._rms_norm(hidden, layer["ln2"])
-            gate, up = self._matmul(x, layer["gate_up_w"]).chunk(2, dim=-1)
-            hidden = hidden + self._matmul(F.silu(gate) * up, layer["down_w"])
+            hidden = hidden + layer.o(attn.view(num_tokens, h_q * d))
+            x = self._rms_norm(hidden, layer.ln2)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            hidden = hidden + layer.down(F.silu(gate) * up)
             if blend is not None and i == blend.layer and not bool(kept.all()):
                 # from here on only the kept rows are computed (NOTE: logits rows are never candidates)
                 rows = kept.nonzero().squeeze(1)
@@ -288,7 +377,7 @@ class LlamaModel:
                     mask = seq.mask[rows]
                 seqs = (SeqAttention(0, num_tokens, seq.context_slots, seq.context_start, mask),)
         last = self._rms_norm(hidden.index_select(0, logits_indices), self.norm)
-        return F.linear(last, self.lm_head).float(), kept
+        return self.lm_head(last).float(), kept
 
     @staticmethod
     def _blend_select(blend: BlendSpec, v: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor

