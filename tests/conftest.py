@@ -43,18 +43,27 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
     return model.eval().float()
 
 
-def our_model(hf_model, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlamaModel:
+def our_model(hf_model, dtype: torch.dtype = torch.float32, device: str = "cpu", weights: str | None = None,
+              dense_min_rows: int = 64) -> LlamaModel:
     cfg = hf_model.config.to_dict()
     cfg["architectures"] = [type(hf_model).__name__]
     config = ModelConfig.from_dict(cfg)
-    return LlamaModel(config, dict(hf_model.state_dict()), dtype, torch.device(device))
+    return LlamaModel(config, dict(hf_model.state_dict()), dtype, torch.device(device), weights, dense_min_rows)
 
 
-def tiny_engine(family: str = "qwen2", **options) -> Engine:
+# Weight formats of the tiny models, and the tolerance each is held to where two computations of the same
+# logits are compared (cache hit vs recomputed, alone vs in a batch). Quantized formats round activations to
+# bfloat16 for their kernels, so their logits agree to bfloat16 rounding (relative to the largest logit).
+WEIGHT_FORMATS = ("float32", "int8", "int4")
+LOGIT_TOLERANCE = {"float32": 1e-4, "int8": 0.02, "int4": 0.02}  # int8/int4: times max |logit|
+
+
+def tiny_engine(family: str = "qwen2", weights: str = "float32", dense_min_rows: int = 64, **options) -> Engine:
     options.setdefault("kv_cache_tokens", 4096)
     options.setdefault("max_prefill_tokens", 64)
     config = EngineConfig(dtype="float32", **options)
-    return Engine(our_model(tiny_hf_model(family)), None, config, model_id=f"tiny-{family}")
+    model = our_model(tiny_hf_model(family), weights=weights, dense_min_rows=dense_min_rows)
+    return Engine(model, None, config, model_id=f"tiny-{family}")
 
 
 @pytest.fixture(params=["qwen2", "llama"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_engine
+from conftest import LOGIT_TOLERANCE, WEIGHT_FORMATS, tiny_engine
 
 BLOCK = 16
 
@@ -13,12 +13,13 @@ def _tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+@pytest.mark.parametrize("weights", WEIGHT_FORMATS)
 @pytest.mark.parametrize("prefix_len", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 5 * BLOCK + 3, 9 * BLOCK])
-def test_suffix_logits_after_cache_hit_equal_full_prefill(family: str, prefix_len: int) -> None:
+def test_suffix_logits_after_cache_hit_equal_full_prefill(family: str, prefix_len: int, weights: str) -> None:
     prefix = _tokens(prefix_len, 10)
     warm, probe = prefix + _tokens(20, 11), prefix + _tokens(23, 12)
-    cached = tiny_engine(family, block_size=BLOCK)
-    uncached = tiny_engine(family, block_size=BLOCK, enable_prefix_caching=False)
+    cached = tiny_engine(family, weights, block_size=BLOCK)
+    uncached = tiny_engine(family, weights, block_size=BLOCK, enable_prefix_caching=False)
 
     cached.generate(warm, max_tokens=3)
     hit = cached.prompt_logits(probe)
@@ -26,14 +27,16 @@ def test_suffix_logits_after_cache_hit_equal_full_prefill(family: str, prefix_le
 
     assert hit.num_cached_tokens == (prefix_len // BLOCK) * BLOCK
     assert full.num_cached_tokens == 0
-    assert (hit.logits - full.logits[hit.num_cached_tokens:]).abs().max().item() <= 1e-4
+    scale = 1.0 if weights == "float32" else full.logits.abs().max().item()
+    assert (hit.logits - full.logits[hit.num_cached_tokens:]).abs().max().item() <= LOGIT_TOLERANCE[weights] * scale
 
 
+@pytest.mark.parametrize("weights", WEIGHT_FORMATS)
 @pytest.mark.parametrize("prefix_len", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 7 * BLOCK + 5])
-def test_greedy_output_after_cache_hit_equals_uncached(family: str, prefix_len: int) -> None:
+def test_greedy_output_after_cache_hit_equals_uncached(family: str, prefix_len: int, weights: str) -> None:
     prefix = _tokens(prefix_len, 20)
-    cached = tiny_engine(family, block_size=BLOCK)
-    uncached = tiny_engine(family, block_size=BLOCK, enable_prefix_caching=False)
+    cached = tiny_engine(family, weights, block_size=BLOCK)
+    uncached = tiny_engine(family, weights, block_size=BLOCK, enable_prefix_caching=False)
     cached.generate(prefix + _tokens(9, 21), max_tokens=4)
     prompt = prefix + _tokens(13, 22)
     hit = cached.generate(prompt, max_tokens=30, ignore_eos=True)

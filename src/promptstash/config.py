@@ -41,6 +41,9 @@ class EngineConfig:
     # weights: "auto" | "float32" | "bfloat16" | "float16" | "int8" | "int4" (models/quant.py). "auto" with an
     # explicit dtype keeps the weights in that dtype; with dtype "auto" too, it measures (Engine.from_pretrained)
     weights: str = "auto"
+    # quantized weights: every batch on the quantized kernels, whose rows do not depend on the batch, so a
+    # request's tokens and logits are bit-identical alone or beside others; costs prefill speed (README)
+    batch_invariant: bool = False
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # KV pool size in blocks; None = kv_cache_tokens / block_size
     kv_cache_tokens: int = 32768

@@ -231,7 +231,9 @@ class Engine:
         shape = (model_config.hidden_size, 2 * model_config.intermediate_size)  # the biggest per-layer product
         if weight_format is None:
             weight_format = auto_format(dtype, device, *shape)
-        dense_min_rows = choose_dense_min_rows(*shape, dtype, device) if weight_format in QUANTIZED_FORMATS else 0
+        dense_min_rows = 0
+        if weight_format in QUANTIZED_FORMATS:
+            dense_min_rows = 1 << 62 if config.batch_invariant else choose_dense_min_rows(*shape, dtype, device)
         weights = load_weights(resolved.path, weight_format, dtype, device, model_config.num_heads,
                                model_config.num_kv_heads, progress=config.progress)
         llama = LlamaModel(model_config, weights, dtype, device, weight_format, dense_min_rows)

@@ -169,7 +169,19 @@ class ServerStats:
         doc["modules"] = self._engine_modules_json(stats.modules)
         doc["tiers"] = [dict(t.__dict__) for t in stats.tiers]
         doc["dropped_tier_writes"] = stats.num_dropped_tier_writes
+        doc["process"] = self._process_json()
         return doc
+
+    def _process_json(self) -> dict[str, Any]:
+        """The server process's memory (admin only, like the pool): what the weights and the KV pool hold."""
+        model = self.engine.model
+        rss, peak = process_memory()
+        return {
+            "rss_bytes": rss, "peak_rss_bytes": peak,
+            "weights": model.weight_format, "dtype": str(model.dtype).removeprefix("torch."),
+            "weight_bytes": model.weight_bytes,
+            "kv_pool_bytes": self.engine.kv.k.numel() * self.engine.kv.k.element_size() * 2,
+        }
 
     @staticmethod
     def _engine_modules_json(m: Any) -> dict[str, Any]:
@@ -293,3 +305,17 @@ def _module_families(modules: Any) -> Iterator[Metric]:
         yield CounterMetricFamily(name, text, value=getattr(modules, key))
     for key, (name, text) in MODULE_GAUGES.items():
         yield GaugeMetricFamily(name, text, value=getattr(modules, key))
+
+
+def process_memory() -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process, from /proc (0, 0 where it is absent)."""
+    found = {"VmRSS": 0, "VmHWM": 0}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in found:
+                    found[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return found["VmRSS"], found["VmHWM"]
