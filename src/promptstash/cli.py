@@ -10,7 +10,14 @@ from pathlib import Path
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or .gguf file (default: Qwen2.5-Coder-0.5B-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activations and KV (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
+    p.add_argument("--weights", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
+                   help="weight format (auto: the fastest decode among int4, int8 and the dtype, measured at start; "
+                        "with an explicit --dtype, that dtype)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="int8/int4: keep every batch on the quantized kernels, so a request's result does not "
+                        "depend on its batch (bit-identical); prefill is slower")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
@@ -31,7 +38,8 @@ def _engine(args: argparse.Namespace):
                      kv_storage_dtype=args.kv_storage_dtype)
         if args.tenant_max_running is not None:
             tiers["tenant_max_running"] = args.tenant_max_running
-    return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+    return Engine.from_pretrained(args.model, dtype=args.dtype, weights=args.weights,
+                                  batch_invariant=args.batch_invariant, device=args.device, block_size=args.block_size,
                                   kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.models_dir, **tiers,
                                   enable_prefix_caching=not args.no_prefix_caching, module_repair=args.module_repair,
                                   max_num_seqs=getattr(args, "max_num_seqs", 16))
@@ -113,7 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics = "/metrics" + (f", and http://{args.host}:{args.metrics_port}/metrics" if args.metrics_port else "")
     pool_tokens = engine.stats().cache.usage.num_blocks * engine.config.block_size
     ready = (f"promptstash: serving {app.state.promptstash.model_name} "
-             f"({str(engine.model.dtype).removeprefix('torch.')}, {pool_tokens:,}-token KV pool, {auth}) "
+             f"({engine.model.weight_format} weights, {str(engine.model.dtype).removeprefix('torch.')} activations, "
+             f"{pool_tokens:,}-token KV pool, {auth}) "
              f"at http://{args.host}:{args.port}/v1  (Anthropic: /v1/messages, metrics: {metrics})")
 
     class Server(uvicorn.Server):
