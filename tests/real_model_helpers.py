@@ -32,11 +32,18 @@ def default_model_dir() -> Path:
 _ENGINES: dict[str, tuple[Engine, Engine]] = {}
 
 
-def engines(dtype: str) -> tuple[Engine, Engine]:
-    """(caching on, caching off) engines sharing one set of weights."""
+def engines(weights: str) -> tuple[Engine, Engine]:
+    """(caching on, caching off) engines sharing one set of weights.
+
+    `weights`: "float32" / "bfloat16" (weights and activations in that dtype), "int8" / "int4" (quantized weights,
+    activations in the machine's default dtype), or "default" (what `promptstash serve` picks here).
+    """
     require_default_model()
-    if dtype not in _ENGINES:
-        on = Engine.from_pretrained(dtype=dtype, progress=False)
-        off = Engine(on.model, on.tokenizer, EngineConfig(dtype=dtype, enable_prefix_caching=False), on.model_id)
-        _ENGINES[dtype] = (on, off)
-    return _ENGINES[dtype]
+    if weights not in _ENGINES:
+        options = {} if weights == "default" else {"weights": weights}
+        on = Engine.from_pretrained(progress=False, **options)
+        off_config = EngineConfig(dtype=str(on.model.dtype).removeprefix("torch."), weights=on.model.weight_format,
+                                  enable_prefix_caching=False)
+        off = Engine(on.model, on.tokenizer, off_config, on.model_id)
+        _ENGINES[weights] = (on, off)
+    return _ENGINES[weights]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from conftest import tiny_engine
+from conftest import WEIGHT_FORMATS, tiny_engine
 
 from promptstash.engine.sampling import SamplingParams
 
@@ -12,9 +13,10 @@ def _tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_eight_concurrent_requests_compute_a_shared_2000_token_prefix_once() -> None:
+@pytest.mark.parametrize("weights", WEIGHT_FORMATS)
+def test_eight_concurrent_requests_compute_a_shared_2000_token_prefix_once(weights: str) -> None:
     prefix_len, suffix_len, num_requests = 2000, 24, 8
-    engine = tiny_engine(block_size=16, kv_cache_tokens=8192, max_num_seqs=8, max_prefill_tokens=256)
+    engine = tiny_engine(weights=weights, block_size=16, kv_cache_tokens=8192, max_num_seqs=8, max_prefill_tokens=256)
     prefix = _tokens(prefix_len, 1)
     prompts = [prefix + _tokens(suffix_len, 100 + i) for i in range(num_requests)]
     outs = engine.generate_many(prompts, max_tokens=4, ignore_eos=True)
@@ -28,7 +30,7 @@ def test_eight_concurrent_requests_compute_a_shared_2000_token_prefix_once() -> 
         assert out.usage.cached_tokens == prefix_len - uncached_tail
     engine.check_integrity()
 
-    reference = tiny_engine(block_size=16, kv_cache_tokens=8192, enable_prefix_caching=False)
+    reference = tiny_engine(weights=weights, block_size=16, kv_cache_tokens=8192, enable_prefix_caching=False)
     for prompt, out in zip(prompts[:3], outs[:3], strict=True):
         assert reference.generate(prompt, max_tokens=4, ignore_eos=True).token_ids == out.token_ids
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from real_model_helpers import default_model_dir
 
-from promptstash.models.loader import DEFAULT_GGUF_SHA256, MARKER_NAME, SUPPORTED_ARCHITECTURES, resolve_model
+from promptstash.models.loader import (
+    DEFAULT_GGUF_SHA256,
+    GGUF_WEIGHTS,
+    MARKER_NAME,
+    SUPPORTED_ARCHITECTURES,
+    resolve_model,
+)
 from promptstash.models.tokenizer import Tokenizer
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -50,7 +56,8 @@ def ours(model_dir: Path) -> Tokenizer:
 def test_default_model_dir(model_dir: Path) -> None:
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", MARKER_NAME):
         assert (model_dir / name).is_file(), name
-    assert list(model_dir.glob("*.safetensors"))
+    assert (model_dir / GGUF_WEIGHTS).is_file()  # the file's own weights, read at every start
+    assert not list(model_dir.glob("*.safetensors"))  # no float32 copy on disk
     assert json.loads((model_dir / "config.json").read_text())["architectures"][0] in SUPPORTED_ARCHITECTURES
     assert json.loads((model_dir / MARKER_NAME).read_text())["source_sha256"] == DEFAULT_GGUF_SHA256
     again = resolve_model(None)
