@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch==2.13.0 takes the machine's local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup serve test test-quick bench soak lint generate clean redis browser
+.PHONY: setup serve test test-quick bench soak lint generate clean redis browser peers
 
 setup: $(STAMP)
 
@@ -42,7 +42,12 @@ test-quick: setup
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q -m 'not slow'
 
-bench: setup redis
+# llama-cpp-python for `bench peers | perplexity` (PyPI has only its source: pip builds llama.cpp with cmake and
+# a C++ compiler, which takes minutes the first time).
+peers: setup
+	$(PY) -c "import llama_cpp, llama_cpp.server.app" 2>/dev/null || $(PIP) install --quiet -e ".[peers]"
+
+bench: setup redis peers
 	$(VENV)/bin/promptstash bench prefix --out benchmarks/results
 	$(VENV)/bin/promptstash bench tiers --out benchmarks/results
 	for w in rag system-prompt chat trace; do $(VENV)/bin/promptstash bench $$w --dtype float32 --out benchmarks/results || exit 1; done
@@ -50,6 +55,8 @@ bench: setup redis
 	$(VENV)/bin/promptstash bench modules --out benchmarks/results
 	$(VENV)/bin/promptstash bench grammar --out benchmarks/results
 	$(VENV)/bin/promptstash bench agent --out benchmarks/results
+	$(VENV)/bin/promptstash bench perplexity --out benchmarks/results
+	$(VENV)/bin/promptstash bench peers --out benchmarks/results
 	$(VENV)/bin/promptstash bench summary --out benchmarks/results
 
 # Ten minutes against a real server subprocess: streaming clients, disconnects, hostile bodies, a Redis

@@ -194,6 +194,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(bench_agent.to_markdown(res))
         print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
         return 0
+    if args.workload in ("peers", "perplexity"):
+        from promptstash.bench import peers as bench_peers
+        from promptstash.bench import perplexity as bench_perplexity
+
+        start = time.perf_counter()
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        if args.workload == "perplexity":
+            module = bench_perplexity
+            res = bench_perplexity.run(window_len=args.window_len, windows=args.windows, model=args.model, log=log)
+        else:
+            module = bench_peers
+            res = bench_peers.run(formats=args.formats, lengths=args.lengths, hit_lengths=args.hit_lengths,
+                                  decode_tokens=args.decode_tokens, repeats=args.repeats, server=not args.no_server,
+                                  quick=args.quick, users=args.users, model=args.model, log=log)
+        js, md = module.write(res, Path(args.out))
+        print(module.to_markdown(res))
+        print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        return 0
     if args.workload == "soak":
         from promptstash.bench import soak
 
@@ -221,7 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          model=args.model, baseline=not args.no_baseline)
     else:
         print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
-              "modules, grammar, agent, soak, tenants, summary", file=sys.stderr)
+              "modules, grammar, agent, soak, tenants, peers, perplexity, summary", file=sys.stderr)
         return 2
     js, md = module.write(res, Path(args.out))
     print(module.to_markdown(res))
@@ -276,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
     b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | grammar | agent "
-                   "| soak | summary")
+                   "| soak | peers | perplexity | summary")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
@@ -314,6 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--strategies", nargs="+", default=None,
                    help="modules: repair strategies to compare (default: prefix none legolink:16 legolink:32 "
                         "cacheblend:0.1 cacheblend:0.15 cacheblend:0.3 full)")
+    b.add_argument("--formats", nargs="+", default=None,
+                   help="peers: promptstash weight formats to measure (default: auto int8 float32)")
+    b.add_argument("--repeats", type=int, default=None, help="peers: repeats per figure, median (default 3)")
+    b.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="peers: cold prefill prompt lengths (default: 512 2048 8192)")
+    b.add_argument("--hit-lengths", type=int, nargs="+", default=None,
+                   help="peers: cached prefix lengths of the hit TTFT (default: 2048 8192)")
+    b.add_argument("--decode-tokens", type=int, default=None, help="peers: tokens decoded (default 128)")
+    b.add_argument("--users", type=int, default=None, help="peers: users of the server workload (default 8)")
+    b.add_argument("--no-server", action="store_true", help="peers: skip the server workload")
+    b.add_argument("--quick", action="store_true",
+                   help="peers: tiny sizes (128-token prompts, 8 decode tokens, 1 repeat, 2 users), a smoke run")
+    b.add_argument("--window-len", type=int, default=512, help="perplexity: tokens per window")
+    b.add_argument("--windows", type=int, default=8, help="perplexity: number of windows")
     args = parser.parse_args(argv)
     from promptstash.errors import PromptstashError
 

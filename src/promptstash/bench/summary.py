@@ -54,9 +54,10 @@ def render(out_dir: Path) -> str:
     reports = {w: _load(out_dir, w) for w in WORKLOADS}
     lines = ["# Benchmark results", "",
              "Produced by `make bench` (`promptstash bench prefix | tiers | rag | chat | system-prompt | trace | "
-             "rag --modules | modules | summary`) on a 2-core x86_64 CPU without a GPU: the default model "
-             "(Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF dequantized), float32, torch 2.13.0 CPU. Every workload "
-             "measures caching on and off in the same run (off: the same weights with prefix caching disabled).", ""]
+             "rag --modules | modules | perplexity | peers | summary`) on a 2-core x86_64 CPU without a GPU: the "
+             "default model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF dequantized), float32, torch 2.13.0 CPU. "
+             "Every workload measures caching on and off in the same run (off: the same weights with prefix "
+             "caching disabled).", ""]
     rag = reports["rag"]
     if rag is not None:
         s = rag["setup"]
@@ -116,9 +117,81 @@ def render(out_dir: Path) -> str:
             lines.append(f"| {row['case']} | {row['free_tok_s']:.1f} | {row['constrained_tok_s']:.1f} | {share:.3%} | "
                          f"{'yes' if row['valid'] else 'no'} |")
         lines += ["", "Compile times and llguidance vs xgrammar schema coverage: [grammar.md](grammar.md).", ""]
+    lines += peers_section(out_dir) + perplexity_section(out_dir)
     lines += ["Other results: [prefix caching vs transformers](prefix.md), [tiers](tiers.md), [modules: quality and "
               "speed of every repair strategy](modules.md), [rag with modules](workload-rag-modules.md).", ""]
     return "\n".join(lines)
+
+
+def _load_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _targets_line(targets: list[dict[str, Any]]) -> str:
+    measured = [t for t in targets if t["passed"] is not None]
+    failed = [f"{t['target']} ({t['format']})" for t in measured if not t["passed"]]
+    return (f"Issue targets met: {len(measured) - len(failed)} of {len(measured)} measured"
+            + (f"; not met: {', '.join(failed)}." if failed else "."))
+
+
+def peers_section(out_dir: Path) -> list[str]:
+    """`bench peers`: the in-process table (promptstash per format vs llama.cpp) and the server figures."""
+    res = _load_json(out_dir / "peers.json")
+    if res is None:
+        return []
+    s = res["setup"]
+    names = [f["format"] if f["format"] == f["resolved"] else f"{f['format']} → {f['resolved']}"
+             for f in res["formats"]]
+    lines = ["## promptstash vs llama.cpp (`bench peers`)", "",
+             f"The same GGUF file, {s['threads']} threads each, medians of {s['repeats']} alternating repeat(s) "
+             "(random-token prompts; for TTFT the ratio is promptstash's time / llama.cpp's, lower is better)."
+             + (f" {res['llama_cpp_note']}." if res.get("llama_cpp_note") else ""), "",
+             "| figure | " + " | ".join(f"promptstash {n}" for n in names) + " | llama.cpp | "
+             + " | ".join(f"ratio {n}" for n in names) + " |", "|---|" + "---:|" * (2 * len(names) + 1)]
+    for r in res["rows"]:
+        def value(v: float | None, unit: str = r["unit"]) -> str:
+            return "–" if v is None else (f"{v:.3f} s" if unit == "s" else f"{v:,.1f}")
+
+        unit = "" if r["unit"] == "s" else f" ({r['unit']})"
+        lines.append(f"| {r['figure']}{unit} | " + " | ".join(value(r["values"][f["format"]]) for f in res["formats"])
+                     + f" | {value(r['llama_cpp'])} | " + " | ".join(
+                         "–" if r["ratios"][f["format"]] is None else f"{r['ratios'][f['format']]:.2f}×"
+                         for f in res["formats"]) + " |")
+    srv = res.get("server")
+    if srv is not None:
+        ps, ll = srv["promptstash"], srv.get("llama_cpp")
+        st = srv["settings"]
+        ratio = f" ({ps['wall_s'] / ll['wall_s']:.2f}×)" if ll else ""
+        lines += ["", f"Server, {st['users']} users x {st['questions']} chat turns over their own documents behind a "
+                  f"shared system prompt, {st['concurrency']} at a time: total time {ps['wall_s']:.1f} s"
+                  + (f" vs llama.cpp {ll['wall_s']:.1f} s{ratio}" if ll else "")
+                  + f", TTFT p50 {ps['ttft_p50_s']:.2f} s" + (f" vs {ll['ttft_p50_s']:.2f} s" if ll else "")
+                  + f", peak RSS {ps['peak_rss_bytes'] / 2**20:,.0f} MiB"
+                  + (f" vs {ll['peak_rss_bytes'] / 2**20:,.0f} MiB" if ll else "") + "."]
+    lines += ["", _targets_line(res["targets"]) + " Details: [peers.md](peers.md).", ""]
+    return lines
+
+
+def perplexity_section(out_dir: Path) -> list[str]:
+    """`bench perplexity`: perplexity per weight format and llama.cpp's on the same GGUF."""
+    res = _load_json(out_dir / "perplexity.json")
+    if res is None:
+        return []
+    s = res["setup"]
+    lines = ["## Perplexity by weight format (`bench perplexity`)", "",
+             f"{s['windows']} windows of {s['window_len']} tokens of MuSiQue passages."
+             + (f" {res['llama_cpp_note']}." if res.get("llama_cpp_note") else ""), "",
+             "| scorer | perplexity |", "|---|---:|"]
+    for name, sc in res["scores"].items():
+        lines.append(f"| {'llama.cpp (same GGUF)' if sc['engine'] == 'llama.cpp' else 'promptstash ' + name} | "
+                     f"{sc['perplexity']:.4f} |")
+    lines.append("")
+    for b in res["bounds"]:
+        verdict = "not measured" if b["passed"] is None else ("PASS" if b["passed"] else "FAIL")
+        ratio = "" if b["ratio"] is None else f" (ratio {b['ratio']:.4f})"
+        lines.append(f"- {b['bound']}: {verdict}{ratio}")
+    lines += ["", "Details: [perplexity.md](perplexity.md).", ""]
+    return lines
 
 
 def _num(value: Any) -> str:
