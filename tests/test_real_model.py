@@ -114,4 +114,4 @@ def test_the_default_format_is_quantized_and_reported(  # where torch's quantize
     if not quantized_kernels_work("cpu"):
         pytest.skip("torch's int8/int4 kernels do not run on this CPU")
     assert on.model.weight_format in ("int4", "int8")
-    assert on.model.weight_bytes < 700e6  # float32 holds 2.5 GB
+    assert on.model.weight_bytes < 1e9  # float32 holds 2.5 GB
