@@ -141,6 +141,8 @@ def test_peers_report(tmp_path) -> None:
     js, md = peers.write(fake_peers(), tmp_path)
     text = md.read_text()
     assert json.loads(js.read_text())["setup"]["repeats"] == 3
+    assert ("`promptstash bench peers --formats auto int8 --lengths 512 2048 8192 --hit-lengths 2048 8192 "
+            "--decode-tokens 128 --repeats 3 --users 8`") in text
     assert "| figure | promptstash auto → int4 | promptstash int8 | llama.cpp | ratio auto → int4 | ratio int8 |" \
         in text
     assert "| cold prefill 2,048 tokens (tok/s) | 320.0 | 260.0 | 200.0 | 1.60× | 1.30× |" in text

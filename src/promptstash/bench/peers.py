@@ -674,7 +674,11 @@ def to_markdown(res: dict[str, Any]) -> str:
     s, m = res["setup"], res["machine"]
     names = [f["format"] if f["format"] == f["resolved"] else f"{f['format']} → {f['resolved']}"
              for f in res["formats"]]
-    cmd = "promptstash bench peers" + (" --quick" if s["quick"] else "") + ("" if s["server"] else " --no-server")
+    users = res["server"]["settings"]["users"] if res.get("server") else None
+    cmd = (f"promptstash bench peers --formats {' '.join(s['formats'])} --lengths {' '.join(map(str, s['lengths']))} "
+           f"--hit-lengths {' '.join(map(str, s['hit_lengths']))} --decode-tokens {s['decode_tokens']} "
+           f"--repeats {s['repeats']}" + (" --quick" if s["quick"] else "") + ("" if s["server"] else " --no-server")
+           + (f" --users {users}" if users else ""))
     lines = [
         "# promptstash vs llama.cpp (same GGUF, same threads)", "",
         f"Model {s['model']}; llama.cpp through llama-cpp-python {m['llama_cpp'] or '(not installed)'} on the same "
