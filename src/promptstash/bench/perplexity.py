@@ -16,7 +16,7 @@ perplexity = exp(mean NLL). Both sides run on 2 threads.
 Bounds (the quantization issue's): int8 within 1% of float32, and int4 within 1% of llama.cpp on the Q4_K_M
 file. NOTE: that file is not all Q4_K: for this model most linear weights are Q5_0, a few Q6_K / Q8_0 (and float32
 norms); llama.cpp runs each as stored, and promptstash's int4 read from a GGUF keeps the tensors stored above 4 bits
-as int8 (models/quant.py), since requantizing them to 4 bits cost ~10% perplexity here.
+as int8 (models/gguf.py), since requantizing them to 4 bits cost ~10% perplexity here.
 """
 
 from __future__ import annotations
