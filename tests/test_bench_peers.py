@@ -244,11 +244,12 @@ def test_server_conversations_from_musique() -> None:
 
 @pytest.mark.real_model
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # ~25 s on an idle 2-core machine; loading the engine dominates, and shares the cores
 def test_float32_promptstash_scores_like_llama_cpp_on_the_same_gguf() -> None:
     """promptstash's float32 weights are the GGUF's Q4_K_M blocks dequantized: llama.cpp on the same file and the
     same token ids must give (nearly) the same NLL; and the in-process measurements run end to end."""
     pytest.importorskip("llama_cpp")
-    from real_model_helpers import default_model_dir
+    from real_model_helpers import default_model_dir, engines
 
     from promptstash.models.loader import GGUF_WEIGHTS
     from promptstash.models.tokenizer import Tokenizer
@@ -259,7 +260,7 @@ def test_float32_promptstash_scores_like_llama_cpp_on_the_same_gguf() -> None:
             "that passed, every storm and every repair, and the logs are now kept in the town library.")
     window = perplexity.cut_windows(tokenizer.encode(text), 32, 1)
     assert len(window) == 1
-    ps = peers.PromptstashSide("float32", 256, None)  # one engine for both checks (loading is the slow part)
+    ps = peers.PromptstashSide("float32", 256, None, engine=engines("float32")[0])  # the tests' shared engine
     try:
         out = ps.engine.prompt_logits(window[0], namespace="fresh")
         assert out.num_cached_tokens == 0

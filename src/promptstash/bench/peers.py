@@ -99,13 +99,15 @@ def _median(values: Sequence[float]) -> float | None:
 class PromptstashSide:
     """One promptstash engine (one weight format); every measurement in its own namespace."""
 
-    def __init__(self, weights: str, max_len: int, model: str | None) -> None:
+    def __init__(self, weights: str, max_len: int, model: str | None, engine: Any = None) -> None:
+        """engine: an already loaded engine to measure (kept open by close()); else one is loaded."""
         from promptstash.engine.engine import Engine
 
         dtype = "float32" if weights == "float32" else "auto"
         start = time.perf_counter()
-        self.engine = Engine.from_pretrained(model, weights=weights, dtype=dtype, progress=False, num_threads=THREADS,
-                                             kv_cache_tokens=max_len + 512)
+        self.owned = engine is None
+        self.engine = engine or Engine.from_pretrained(model, weights=weights, dtype=dtype, progress=False,
+                                                       num_threads=THREADS, kv_cache_tokens=max_len + 512)
         self.load_s = time.perf_counter() - start
         self.weights = weights
         self.resolved = self.engine.model.weight_format
@@ -135,7 +137,8 @@ class PromptstashSide:
         return (got - 1) / (out.timings.total_s - out.timings.ttft_s)
 
     def close(self) -> None:
-        self.engine.close()
+        if self.owned:
+            self.engine.close()
         del self.engine
         gc.collect()
 
