@@ -365,5 +365,8 @@ def auto_format(dtype: torch.dtype, device: torch.device, in_features: int, out_
     if device.type != "cpu" or not quantized_kernels_work(device.type):
         return dense
     times = benchmark_kernels(in_features, out_features, 1, dtype, device)
-    measured = {dense: times.dense_ms, "int8": times.int8_ms, "int4": times.int4_ms}
-    return min((f for f in measured if f == dense or f in AUTO_CANDIDATES), key=lambda f: measured[f])
+    quantized = {"int8": times.int8_ms, "int4": times.int4_ms}
+    best = min((f for f in quantized if f in AUTO_CANDIDATES), key=lambda f: quantized[f])
+    # NOTE: the dense format must win clearly: a start on a busy machine times noisily, and the dense product
+    # also streams 2-8x the bytes of the whole model (the embedding and head too), which one layer understates
+    return dense if times.dense_ms < 0.5 * quantized[best] else best
