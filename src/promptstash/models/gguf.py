@@ -23,12 +23,13 @@ Llama/Mistral GGUF files store q/k rows permuted for interleaved RoPE; they are 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from promptstash.errors import CorruptModelError, ModelLoadError
-from promptstash.models.quant import INT4_GROUP, QuantWeight, quantize
+from promptstash.models.quant import INT4_GROUP, QuantWeight, concat_rows, permute_rows, quantize
 
 _ROWS = 4096
 _LAYER_NAMES = {
@@ -58,17 +59,10 @@ def read_weights(path: Path, weight_format: str, num_heads: int, num_kv_heads: i
     weights; the token embedding is int8 (looked up row by row) when `quantize_embedding`.
     Raises CorruptModelError for an unreadable file or a tensor whose data cannot be decoded.
     """
-    try:
-        import gguf
-    except ImportError as exc:
-        raise ModelLoadError("reading GGUF files needs the gguf package: pip install 'promptstash[gguf]'") from exc
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
-        raise CorruptModelError(f"{path} is truncated or corrupt: the GGUF reader failed with: {exc}") from exc
-    arch_field = reader.fields.get("general.architecture")
-    architecture = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else ""
-    permute_qk = architecture in ("llama", "mistral")
+    import gguf
+
+    reader = open_reader(path)
+    permute_qk = architecture_of(reader) in ("llama", "mistral")
     quantized = weight_format in ("int8", "int4")
     out: dict[str, torch.Tensor | QuantWeight] = {}
     for tensor in reader.tensors:
@@ -97,8 +91,6 @@ def read_weights(path: Path, weight_format: str, num_heads: int, num_kv_heads: i
                 else:
                     value = _quantized(gguf, data, qtype, target)
                 if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
-                    from promptstash.models.quant import permute_rows
-
                     assert isinstance(value, QuantWeight)
                     value = permute_rows(value, _qk_order(value.shape[0],
                                                           num_heads if "q_proj" in name else num_kv_heads))
@@ -123,6 +115,27 @@ def release_free_memory() -> None:
         pass
 
 
+def open_reader(path: Path, detail: str = "") -> Any:
+    """A gguf.GGUFReader over `path` (memory-mapped). Raises ModelLoadError without the gguf package and
+    CorruptModelError (naming the file, and `detail` about it) when the file cannot be parsed."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise ModelLoadError("reading GGUF files needs the gguf package: pip install 'promptstash[gguf]'") from exc
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise CorruptModelError(f"{path} is truncated or corrupt{detail}: the GGUF reader failed with: {exc}") from exc
+
+
+def architecture_of(reader: Any) -> str | None:
+    """The file's general.architecture, or None when it has none."""
+    field = reader.fields.get("general.architecture")
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
 def _FOUR_BIT_TYPES(gguf: object) -> tuple[object, ...]:  # noqa: N802
     types = gguf.GGMLQuantizationType  # type: ignore[attr-defined]
     return (types.Q4_K, types.Q4_0, types.Q4_1, types.Q3_K, types.Q2_K)
@@ -138,8 +151,6 @@ def _dequantized(gguf: object, data: np.ndarray, qtype: object) -> torch.Tensor:
 
 def _quantized(gguf: object, data: np.ndarray, qtype: object, weight_format: str) -> QuantWeight:
     """Dequantize `_ROWS` rows at a time (bounded float32 scratch) and quantize each slice."""
-    from promptstash.models.quant import concat_rows
-
     parts = [quantize(_dequantized(gguf, data[start:start + _ROWS], qtype), weight_format)
              for start in range(0, data.shape[0], _ROWS)]
     return parts[0] if len(parts) == 1 else concat_rows(parts)

@@ -309,26 +309,17 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     SUPPORTED_ARCHITECTURES. Takes a few seconds for a model with a large vocabulary, far less than a
     conversion. Raises CorruptModelError or UnsupportedArchitectureError naming the file.
     """
+    from promptstash.models.gguf import architecture_of, open_reader
+
     version, tensor_count = check_gguf_header(path)
     size = path.stat().st_size
-    try:
-        import gguf
-    except ImportError as exc:
-        raise ModelLoadError("reading GGUF files needs the gguf package: pip install 'promptstash[gguf]'") from exc
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
-        raise CorruptModelError(
-            f"{path} is truncated or corrupt ({size:,} bytes, GGUF v{version}, {tensor_count} tensors "
-            f"declared): the GGUF reader failed with: {exc}"
-        ) from exc
+    reader = open_reader(path, f" ({size:,} bytes, GGUF v{version}, {tensor_count} tensors declared)")
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
         raise CorruptModelError(f"{path} is truncated: expected at least {end:,} bytes, found {size:,}")
-    field = reader.fields.get("general.architecture")
-    if field is None or not field.data:
+    architecture = architecture_of(reader)
+    if architecture is None:
         raise CorruptModelError(f"{path} has no general.architecture metadata")
-    architecture = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
     if architecture not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"{path} holds a GGUF {architecture!r} model; supported GGUF architectures: "
