@@ -307,3 +307,57 @@ def _time(fn: object, repeats: int = 5) -> float:
             fn()
         sync()
         return time.perf_counter() - start
+
+
+# -- choosing a format --------------------------------------------------------------------------------
+
+# Formats `auto` may pick, by the quality `bench perplexity` measured on the default model (README,
+# "Weight formats"): each is within its bound (int8 within 1% of float32, int4 within 1% of llama.cpp's).
+AUTO_CANDIDATES = ("int4", "int8")
+
+
+@cache
+def quantized_kernels_work(device_type: str) -> bool:
+    """True where torch's weight-only int8 and int4 kernels run on this device (bfloat16 activations)."""
+    device = torch.device(device_type)
+    try:
+        w = torch.randn(64, 64, device=device)
+        x = torch.randn(2, 64, device=device)
+        QuantLinear(quantize_int8(w), None, device, 1 << 30)(x)
+        QuantLinear(quantize_int4(w), None, device, 1 << 30)(x)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return True
+
+
+def supported_formats(device: torch.device) -> tuple[str, ...]:
+    floats = ("float32", "bfloat16", "float16")
+    return floats + QUANTIZED_FORMATS if quantized_kernels_work(device.type) else floats
+
+
+def check_format(weight_format: str, device: torch.device) -> None:
+    """Raise UnsupportedFormatError naming the supported formats when `weight_format` cannot run here."""
+    from promptstash.errors import UnsupportedFormatError
+
+    supported = supported_formats(device)
+    if weight_format not in supported:
+        raise UnsupportedFormatError(
+            f"weight format {weight_format!r} is not supported on {device} with torch {torch.__version__}; "
+            f"supported here: {', '.join(supported)}")
+
+
+def auto_format(dtype: torch.dtype, device: torch.device, in_features: int, out_features: int) -> str:
+    """The fastest decode format for a [1, in] x [in, out] product among the float dtype and AUTO_CANDIDATES.
+
+    Measured at start on this machine (about a second): decode streams every weight once per token, so
+    the format that multiplies one row fastest decodes fastest.
+    """
+    dense = str(dtype).removeprefix("torch.")
+    if device.type != "cpu" or not quantized_kernels_work(device.type):
+        return dense
+    times = benchmark_kernels(in_features, out_features, 1, dtype, device)
+    quantized = {"int8": times.int8_ms, "int4": times.int4_ms}
+    best = min((f for f in quantized if f in AUTO_CANDIDATES), key=lambda f: quantized[f])
+    # NOTE: the dense format must win clearly: a start on a busy machine times noisily, and the dense product
+    # also streams 2-8x the bytes of the whole model (the embedding and head too), which one layer understates
+    return dense if times.dense_ms < 0.5 * quantized[best] else best
