@@ -136,10 +136,12 @@ def test_a_request_alone_and_in_a_batch_of_seven_others_gives_the_same_result(fa
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_batch_invariant_mode_is_bit_identical_alone_and_in_a_batch(weights: str) -> None:
     prompts = _prompts()
-    invariant = 1 << 62  # what EngineConfig(batch_invariant=True) sets: every batch on the kernels
-    alone = tiny_engine("qwen2", weights, invariant).generate(prompts[0], max_tokens=24, ignore_eos=True,
-                                                              logprobs=3)
-    batched = tiny_engine("qwen2", weights, invariant).generate_many(prompts, max_tokens=24, ignore_eos=True,
-                                                                     logprobs=3)[0]
+    engines = []
+    for _ in range(2):  # what EngineConfig(batch_invariant=True) sets: every batch on the kernels, and
+        engine = tiny_engine("qwen2", weights, 1 << 62)  # attention sequence by sequence
+        engine.model.batch_invariant = True
+        engines.append(engine)
+    alone = engines[0].generate(prompts[0], max_tokens=24, ignore_eos=True, logprobs=3)
+    batched = engines[1].generate_many(prompts, max_tokens=24, ignore_eos=True, logprobs=3)[0]
     assert batched.token_ids == alone.token_ids
     assert batched.logprobs == alone.logprobs

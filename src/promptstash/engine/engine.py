@@ -237,6 +237,7 @@ class Engine:
         weights = load_weights(resolved.path, weight_format, dtype, device, model_config.num_heads,
                                model_config.num_kv_heads, progress=config.progress)
         llama = LlamaModel(model_config, weights, dtype, device, weight_format, dense_min_rows)
+        llama.batch_invariant = config.batch_invariant
         del weights
         release_free_memory()
         return cls(llama, Tokenizer.from_dir(resolved.path), config, resolved.model_id, resolved.path)

@@ -234,6 +234,9 @@ class LlamaModel:
                 gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
                 down=linear([p + "mlp.down_proj.weight"]),
             ))
+        # True: attention always runs sequence by sequence, so a row never depends on its batch (see
+        # EngineConfig.batch_invariant); False: a step of decodes attends in one batched call
+        self.batch_invariant = False
         self.inv_freq = _inv_freq(config).to(self.device)  # [D / 2] float32
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
@@ -312,6 +315,37 @@ class LlamaModel:
         probs = torch.softmax(scores, dim=-1)
         return torch.bmm(probs, v.transpose(0, 1).float()).view(q.shape).to(q.dtype)  # [H_q, D]
 
+    def _decode_gather(self, seqs: tuple[SeqAttention, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a step of B >= 2 single-token decodes: the padded slot table [B, L] of their contexts and the
+        additive mask [B, 1, 1, L] (0 = attend, -inf = padding), built once for all layers. None otherwise
+        (prefill in the step, one sequence, or batch_invariant: then attention runs sequence by sequence)."""
+        if self.batch_invariant or len(seqs) < 2 or any(
+                s.token_end - s.token_start != 1 or s.mask is not None for s in seqs):
+            return None
+        lengths = [int(s.context_slots.shape[0]) for s in seqs]
+        longest = max(lengths)
+        #   slots:  seq b: | its context_len slots | its first slot repeated (padding) |   L = longest
+        table = torch.stack([F.pad(s.context_slots, (0, longest - n), value=int(s.context_slots[0]))
+                             for s, n in zip(seqs, lengths, strict=True)])
+        pad = torch.arange(longest, device=self.device)[None, :] >= torch.tensor(lengths, device=self.device)[:, None]
+        bias = torch.zeros(pad.shape, dtype=torch.float32, device=self.device).masked_fill_(pad, float("-inf"))
+        return table, bias[:, None, None, :]
+
+    def _batched_decode_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                  table: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Every decode token of the step in one call: q [B, H_q, D] over its padded context -> [B, H_q, D].
+
+        Float32 like `_decode_attention`; a row's result matches its own call up to summation order.
+        """
+        b, h_q, d = q.shape
+        h_kv = k_pool.shape[1]
+        ks = k_pool[table].float()  # [B, L, H_kv, D]
+        vs = v_pool[table].float()
+        qg = q.reshape(b, h_kv, h_q // h_kv, d).float()  # [B, H_kv, G, D]
+        scores = torch.matmul(qg, ks.permute(0, 2, 3, 1)) * self.scale + bias  # [B, H_kv, G, L]
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, vs.transpose(1, 2)).reshape(b, h_q, d).to(q.dtype)
+
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
         """Run one step; writes the new tokens' K/V into kv and returns float32 logits [N, V]."""
@@ -332,6 +366,7 @@ class LlamaModel:
         kept = torch.ones(num_tokens, dtype=torch.bool, device=self.device)
         cos, sin = self._rope(positions)  # [T, 1, D]
         hidden = self._embed(batch.input_ids)  # [T, hidden]
+        decode = self._decode_gather(seqs) if blend is None else None
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer.ln1)
             qkv = layer.qkv(x)  # [T, (H_q + 2 H_kv) * D]
@@ -343,6 +378,13 @@ class LlamaModel:
                 kept = self._blend_select(blend, v.reshape(num_tokens, h_kv, d), v_pool, slot_mapping)
             k_pool.index_copy_(0, slot_mapping, k)
             v_pool.index_copy_(0, slot_mapping, v.reshape(num_tokens, h_kv, d))
+            if decode is not None:
+                attn = self._batched_decode_attention(q, k_pool, v_pool, *decode)
+                hidden = hidden + layer.o(attn.view(num_tokens, h_q * d))
+                x = self._rms_norm(hidden, layer.ln2)
+                gate, up = layer.gate_up(x).chunk(2, dim=-1)
+                hidden = hidden + layer.down(F.silu(gate) * up)
+                continue
             attn = torch.empty_like(q)  # [T, H_q, D]
             for seq in seqs:
                 qs = q[seq.token_start:seq.token_end].transpose(0, 1)[None]  # [1, H_q, n, D]
