@@ -145,3 +145,19 @@ def test_batch_invariant_mode_is_bit_identical_alone_and_in_a_batch(weights: str
     batched = engines[1].generate_many(prompts, max_tokens=24, ignore_eos=True, logprobs=3)[0]
     assert batched.token_ids == alone.token_ids
     assert batched.logprobs == alone.logprobs
+
+
+def test_fused_projections_of_mixed_widths_are_held_at_the_wider_one() -> None:
+    from conftest import our_model, tiny_hf_model  # noqa: I001
+
+    from promptstash.models.llama import LlamaModel
+
+    hf = tiny_hf_model("qwen2")
+    reference = our_model(hf, weights="int8")
+    weights = dict(hf.state_dict())
+    p = "model.layers.0.self_attn."
+    weights[p + "q_proj.weight"] = quantize_int4(weights[p + "q_proj.weight"])  # a 4-bit tensor in the file
+    weights[p + "v_proj.weight"] = quantize_int8(weights[p + "v_proj.weight"])  # beside an 8-bit one
+    model = LlamaModel(reference.config, weights, torch.float32, CPU, "int4")
+    assert model.layers[0].qkv.bits == 8
+    assert model.layers[1].qkv.bits == 4

@@ -195,6 +195,8 @@ class LlamaModel:
             parts = [raw(n) for n in names]
             if quantized:
                 q = [p if isinstance(p, QuantWeight) else quantize(p, self.weight_format) for p in parts]
+                if len({p.bits for p in q}) > 1:  # e.g. a GGUF's 4-bit q/k beside an 8-bit v: fuse at 8 bits
+                    q = [p if p.bits == 8 else quantize(p.dequantize(), "int8") for p in q]
                 return QuantLinear(q[0] if len(q) == 1 else concat_rows(q), bias, self.device, dense_min_rows)
             dense = torch.cat([(p.dequantize() if isinstance(p, QuantWeight) else p).to(device=self.device,
                                dtype=dtype) for p in parts])
