@@ -86,6 +86,10 @@ SERVER_WALL_TARGET = 0.6
 SERVER_RSS_TARGET = 1.5e9  # bytes (1.5 GB)
 
 
+# promptstash alone (llama-cpp-python's Llama runs one sequence): decode with this many sequences at once
+DECODE_BATCHES = (4, 16)
+
+
 def random_ids(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(*TOKEN_RANGE) for _ in range(n)]
@@ -135,6 +139,17 @@ class PromptstashSide:
         if got != n:
             raise RuntimeError(f"decode produced {got} tokens, not {n} ({out.finish_reason})")
         return (got - 1) / (out.timings.total_s - out.timings.ttft_s)
+
+    def decode_batch_tok_s(self, ids: list[int], n: int, num_seqs: int) -> float:
+        """Total decode tok/s with num_seqs sequences running at once (distinct prompts, continuous batching):
+        tokens after each one's first, over the time from the last first token to the last token."""
+        prompts = [ids + random_ids(4, SEED + 100 + i) for i in range(num_seqs)]
+        start = time.perf_counter()
+        outs = self.engine.generate_many(prompts, max_tokens=n, ignore_eos=True, temperature=0,
+                                         namespace=self._ns("batch"))
+        wall = time.perf_counter() - start
+        first = max(o.timings.ttft_s for o in outs)
+        return sum(len(o.token_ids) - 1 for o in outs) / (wall - first)
 
     def close(self) -> None:
         if self.owned:
@@ -249,6 +264,11 @@ def measure(ps: PromptstashSide, llama: LlamaSide | None, lengths: Sequence[int]
     res["decode"] = {"tokens": decode_tokens, "samples_tok_s": ours, "tok_s": _median(ours)}
     log(f"  {ps.weights}: decode {_median(ours):.1f} tok/s"
         + (f" (llama.cpp {_median(theirs['samples']):.1f})" if llama is not None else ""))
+    res["decode_batch"] = []
+    for num_seqs in DECODE_BATCHES:
+        samples = [ps.decode_batch_tok_s(decode_ids, decode_tokens, num_seqs) for _ in range(repeats)]
+        res["decode_batch"].append({"num_seqs": num_seqs, "samples_tok_s": samples, "tok_s": _median(samples)})
+        log(f"  {ps.weights}: decode with {num_seqs} sequences: {_median(samples):.1f} tok/s in all")
     return res
 
 
@@ -288,6 +308,10 @@ def figure_rows(formats: list[dict[str, Any]], llama: dict[str, Any] | None) -> 
     tokens = next((f["decode"]["tokens"] for f in formats if f.get("decode")), DECODE_TOKENS)
     rows.append(row(f"decode ({tokens} tokens)", "decode", None, "tok/s", True,
                     lambda side: side["decode"]["tok_s"] if side.get("decode") else None))
+    for num_seqs in sorted({b["num_seqs"] for f in formats for b in f.get("decode_batch", [])}):
+        rows.append(row(f"decode, {num_seqs} sequences at once, all sequences", "decode_batch", num_seqs, "tok/s",
+                        True, lambda side, k=num_seqs: next(
+                            (b["tok_s"] for b in side.get("decode_batch", []) if b["num_seqs"] == k), None)))
     return rows
 
 
