@@ -272,7 +272,7 @@ class LlamaModel:
         return self.embed[input_ids]
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Normalized in float32, rounded to the model dtype, then scaled (as HF does). One fused op."""
+        """Normalized in float32, rounded to the model dtype, then scaled (as HF does)."""
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps).to(x.dtype)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,6 +316,26 @@ class LlamaModel:
         scores = torch.bmm(qg, k.permute(1, 2, 0).float()) * self.scale  # [H_kv, G, ctx]
         probs = torch.softmax(scores, dim=-1)
         return torch.bmm(probs, v.transpose(0, 1).float()).view(q.shape).to(q.dtype)  # [H_q, D]
+
+    def _attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                   seqs: tuple[SeqAttention, ...]) -> torch.Tensor:
+        """Attention sequence by sequence: q [T, H_q, D] over each sequence's paged context -> [T, H_q, D]."""
+        attn = torch.empty_like(q)
+        for seq in seqs:
+            qs = q[seq.token_start:seq.token_end].transpose(0, 1)[None]  # [1, H_q, n, D]
+            if seq.context_start is not None:
+                ctx = slice(seq.context_start, seq.context_start + seq.context_slots.shape[0])
+                ks, vs = k_pool[ctx], v_pool[ctx]  # [ctx, H_kv, D] views
+            else:
+                ks, vs = k_pool.index_select(0, seq.context_slots), v_pool.index_select(0, seq.context_slots)
+            if seq.token_end - seq.token_start == 1 and seq.mask is None:
+                attn[seq.token_start] = self._decode_attention(q[seq.token_start], ks, vs)
+                continue
+            out = F.scaled_dot_product_attention(
+                qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],  # [1, H_kv, ctx, D]
+                attn_mask=seq.mask, is_causal=seq.causal, scale=self.scale, enable_gqa=True)
+            attn[seq.token_start:seq.token_end] = out[0].transpose(0, 1)
+        return attn
 
     def _decode_gather(self, seqs: tuple[SeqAttention, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For a step of B >= 2 single-token decodes: the padded slot table [B, L] of their contexts and the
@@ -381,27 +401,9 @@ class LlamaModel:
             k_pool.index_copy_(0, slot_mapping, k)
             v_pool.index_copy_(0, slot_mapping, v.reshape(num_tokens, h_kv, d))
             if decode is not None:
-                attn = self._batched_decode_attention(q, k_pool, v_pool, *decode)
-                hidden = hidden + layer.o(attn.view(num_tokens, h_q * d))
-                x = self._rms_norm(hidden, layer.ln2)
-                gate, up = layer.gate_up(x).chunk(2, dim=-1)
-                hidden = hidden + layer.down(F.silu(gate) * up)
-                continue
-            attn = torch.empty_like(q)  # [T, H_q, D]
-            for seq in seqs:
-                qs = q[seq.token_start:seq.token_end].transpose(0, 1)[None]  # [1, H_q, n, D]
-                if seq.context_start is not None:
-                    ctx = slice(seq.context_start, seq.context_start + seq.context_slots.shape[0])
-                    ks, vs = k_pool[ctx], v_pool[ctx]  # [ctx, H_kv, D] views
-                else:
-                    ks, vs = k_pool.index_select(0, seq.context_slots), v_pool.index_select(0, seq.context_slots)
-                if seq.token_end - seq.token_start == 1 and seq.mask is None:
-                    attn[seq.token_start] = self._decode_attention(q[seq.token_start], ks, vs)
-                    continue
-                out = F.scaled_dot_product_attention(
-                    qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],  # [1, H_kv, ctx, D]
-                    attn_mask=seq.mask, is_causal=seq.causal, scale=self.scale, enable_gqa=True)
-                attn[seq.token_start:seq.token_end] = out[0].transpose(0, 1)
+                attn = self._batched_decode_attention(q, k_pool, v_pool, *decode)  # [T, H_q, D]
+            else:
+                attn = self._attention(q, k_pool, v_pool, seqs)
             hidden = hidden + layer.o(attn.view(num_tokens, h_q * d))
             x = self._rms_norm(hidden, layer.ln2)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
