@@ -172,13 +172,17 @@ class QuantLinear:
         self.scale_zero = torch.stack([weight.scale.t(), weight.zero.t()], dim=-1).to(
             device=device, dtype=KERNEL_DTYPE).contiguous()
         self.packed = _pack_int4(weight.values.to(device))
-        self.nbytes = self.packed.numel() * self.packed.element_size() + self.scale_zero.numel() * 2
+        # where the packed layout cannot be read back, the values stay beside it for the dense path
+        self.values4 = None if _unpackable(self.packed, self.out_features) else weight.values.to(device)
+        self.nbytes = self.packed.numel() * self.packed.element_size() + self.scale_zero.numel() * 2 + (
+            0 if self.values4 is None else self.values4.numel())
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] in `dtype`, with the kernel's bfloat16 scales (what the kernel multiplies by)."""
         if self.bits == 8:
             return self.values.to(dtype) * self.scale.to(dtype)[:, None]
-        values = _unpack_int4(self.packed, self.out_features, self.in_features)
+        values = self.values4 if self.values4 is not None else _unpack_blocks(
+            self.packed, self.out_features, self.in_features, _cpu_int4_layout() or 0)
         groups = self.in_features // self.group_size
         scale = self.scale_zero[..., 0].t().to(dtype)  # [out, groups]
         zero = self.scale_zero[..., 1].t().to(dtype)
@@ -203,7 +207,7 @@ class QuantLinear:
 # -- int4 packing ------------------------------------------------------------------------------------
 # NOTE: the CPU kernel's packed layout is an implementation detail of PyTorch. The layout found on this
 # machine (checked once per process by `_cpu_int4_layout`) lets a prefill batch unpack the weight without a
-# second copy; where it is not recognised, the unpacked values are kept beside the packed ones.
+# second copy; where it is not recognised (or on CUDA), QuantLinear keeps the unpacked values beside it.
 
 @cache
 def _cpu_int4_layout() -> int | None:
@@ -226,28 +230,18 @@ def _unpack_blocks(packed: torch.Tensor, rows: int, cols: int, bn: int) -> torch
     return both.permute(0, 2, 1).reshape(rows, cols)
 
 
-_UNPACKED: dict[int, torch.Tensor] = {}  # id(packed) -> values, where the layout is unknown
-
-
 def _pack_int4(values: torch.Tensor) -> torch.Tensor:
     if values.device.type == "cpu":
-        packed = torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
-        if _cpu_int4_layout() is None or values.shape[0] % (_cpu_int4_layout() or 1):
-            _UNPACKED[id(packed)] = values
-        return packed
+        return torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
     # CUDA: the tensor-core kernel takes [out, in / 2] uint8 (two values per byte, high nibble first)
     pairs = values.view(values.shape[0], -1, 2).to(torch.uint8)
     return torch._convert_weight_to_int4pack((pairs[..., 0] << 4) | pairs[..., 1], 8)
 
 
-def _unpack_int4(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    kept = _UNPACKED.get(id(packed))
-    if kept is not None:
-        return kept
+def _unpackable(packed: torch.Tensor, rows: int) -> bool:
+    """True where `_unpack_blocks` reads this packed weight back (the CPU layout was recognised)."""
     layout = _cpu_int4_layout() if packed.device.type == "cpu" else None
-    if layout is None:
-        raise RuntimeError("int4 weights cannot be unpacked on this device; use a batch below dense_min_rows")
-    return _unpack_blocks(packed, rows, cols, layout)
+    return layout is not None and rows % layout == 0
 
 
 # -- measuring the kernels ----------------------------------------------------------------------------
