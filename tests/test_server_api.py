@@ -247,3 +247,11 @@ def test_refused_write_when_protection_would_exceed_the_pool(tmp_path) -> None:
     assert out.usage.cache_creation_input_tokens == 0 and out.content  # the request itself succeeds
     assert stats["refused_writes"] == 1
     assert 'promptstash_cache_write_refused_total{tenant="local"} 1.0' in metrics
+
+
+def test_cache_stats_report_the_weight_format_and_the_process_memory(server) -> None:
+    process = httpx.get(server.url + "/v1/cache/stats").json()["process"]
+    assert process["weights"] == "float32" and process["dtype"] == "float32"
+    assert 0 < process["weight_bytes"] and 0 < process["kv_pool_bytes"]
+    assert 0 < process["rss_bytes"] <= process["peak_rss_bytes"]
+    assert process["rss_bytes"] > process["weight_bytes"]  # the weights are part of what the process holds
