@@ -11,7 +11,7 @@ layers run once over all T rows, attention runs per sequence over that sequence'
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -154,12 +154,15 @@ class LlamaModel:
     """Weights plus a stateless forward; the KV lives in a KVCache passed to every call.
 
     `weights` maps HF names to float tensors, or to QuantWeight for weights already quantized (a GGUF read
-    straight into int8/int4). `weight_format` says how linear weights are held (models/quant.py); float
-    weights are quantized here when it is int8 or int4. `dtype` is the activations' and the KV's dtype.
+    straight into int8/int4). NOTE: a dict passed in is consumed: each linear weight is removed from it once
+    its layer is built, so a load holds one layer twice at most, not the whole model. `weight_format` says how
+    linear weights are held (models/quant.py); float weights are quantized here when it is int8 or int4.
+    `dtype` is the activations' and the KV's dtype.
     """
 
-    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor | QuantWeight], dtype: torch.dtype,
-                 device: torch.device, weight_format: str | None = None, dense_min_rows: int = 64) -> None:
+    def __init__(self, config: ModelConfig, weights: MutableMapping[str, torch.Tensor | QuantWeight],
+                 dtype: torch.dtype, device: torch.device, weight_format: str | None = None,
+                 dense_min_rows: int = 64) -> None:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
@@ -193,15 +196,21 @@ class LlamaModel:
             biases = [maybe(n) for n in bias_names] if bias_names else []
             bias = torch.cat(biases) if biases and all(b is not None for b in biases) else None  # type: ignore[arg-type]
             parts = [raw(n) for n in names]
+            layer: DenseLinear | QuantLinear
             if quantized:
                 q = [p if isinstance(p, QuantWeight) else quantize(p, self.weight_format) for p in parts]
                 if len({p.bits for p in q}) > 1:  # e.g. a GGUF's 4-bit q/k beside an 8-bit v: fuse at 8 bits
                     q = [p if p.bits == 8 else quantize(p.dequantize(), "int8") for p in q]
-                return QuantLinear(q[0] if len(q) == 1 else concat_rows(q), bias, self.device, dense_min_rows)
-            dense = torch.cat([(p.dequantize() if isinstance(p, QuantWeight) else p).to(device=self.device,
-                               dtype=dtype) for p in parts])
-            layer = DenseLinear(dense, bias, upcast)
-            self._dense.append(layer)
+                layer = QuantLinear(q[0] if len(q) == 1 else concat_rows(q), bias, self.device, dense_min_rows)
+            else:
+                dense = torch.cat([(p.dequantize() if isinstance(p, QuantWeight) else p).to(device=self.device,
+                                   dtype=dtype) for p in parts])
+                layer = DenseLinear(dense, bias, upcast)
+                self._dense.append(layer)
+            del parts
+            for name in names:
+                if name != "model.embed_tokens.weight":  # also the tied head's: popped once both are built
+                    weights.pop(name, None)
             return layer
 
         embed = raw("model.embed_tokens.weight")  # [V, hidden]
@@ -221,6 +230,7 @@ class LlamaModel:
             self._dense.append(self.lm_head)
         else:
             self.lm_head = linear(["model.embed_tokens.weight" if tied else "lm_head.weight"])
+        weights.pop("model.embed_tokens.weight", None)
         self.vocab_size = self.lm_head.out_features if isinstance(self.lm_head, QuantLinear) \
             else self.lm_head.w_t.shape[1]
         self.norm = take("model.norm.weight")
