@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from promptstash.config import EngineConfig
+from promptstash.config import DTYPES, EngineConfig
 from promptstash.engine.engine import Engine
 from promptstash.models.config import ModelConfig
 from promptstash.models.llama import LlamaModel
@@ -54,15 +54,17 @@ def our_model(hf_model, dtype: torch.dtype = torch.float32, device: str = "cpu",
 # Weight formats of the tiny models, and the tolerance each is held to where two computations of the same
 # logits are compared (cache hit vs recomputed, alone vs in a batch). Quantized formats round activations to
 # bfloat16 for their kernels, so their logits agree to bfloat16 rounding (relative to the largest logit).
-WEIGHT_FORMATS = ("float32", "int8", "int4")
-LOGIT_TOLERANCE = {"float32": 1e-4, "int8": 0.02, "int4": 0.02}  # int8/int4: times max |logit|
+# Half-precision formats hold weights, activations and KV in that dtype: also bfloat16 rounding.
+WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
+LOGIT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.02, "float16": 0.02, "int8": 0.02, "int4": 0.02}  # times max|logit|
 
 
 def tiny_engine(family: str = "qwen2", weights: str = "float32", dense_min_rows: int = 64, **options) -> Engine:
     options.setdefault("kv_cache_tokens", 4096)
     options.setdefault("max_prefill_tokens", 64)
-    config = EngineConfig(dtype="float32", **options)
-    model = our_model(tiny_hf_model(family), weights=weights, dense_min_rows=dense_min_rows)
+    dtype = weights if weights in ("bfloat16", "float16") else "float32"
+    config = EngineConfig(dtype=dtype, **options)
+    model = our_model(tiny_hf_model(family), dtype=DTYPES[dtype], weights=weights, dense_min_rows=dense_min_rows)
     return Engine(model, None, config, model_id=f"tiny-{family}")
 
 

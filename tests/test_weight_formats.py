@@ -114,7 +114,8 @@ def test_a_format_the_device_cannot_run_names_the_supported_ones(monkeypatch: py
 
 def test_quantized_formats_are_separate_cache_layouts() -> None:
     layouts = {w: tiny_engine(weights=w).cache.kv_layout for w in WEIGHT_FORMATS}
-    assert layouts == {"float32": "bs16/float32", "int8": "bs16/float32/int8", "int4": "bs16/float32/int4"}
+    assert layouts == {"float32": "bs16/float32", "bfloat16": "bs16/bfloat16", "float16": "bs16/float16",
+                       "int8": "bs16/float32/int8", "int4": "bs16/float32/int4"}
 
 
 def _prompts() -> list[list[int]]:
