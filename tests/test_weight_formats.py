@@ -162,3 +162,17 @@ def test_fused_projections_of_mixed_widths_are_held_at_the_wider_one() -> None:
     model = LlamaModel(reference.config, weights, torch.float32, CPU, "int4")
     assert model.layers[0].qkv.bits == 8
     assert model.layers[1].qkv.bits == 4
+
+
+def test_bfloat16_on_a_cpu_without_bf16_instructions_upcasts_by_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import our_model, tiny_hf_model
+
+    from promptstash.models import llama
+
+    monkeypatch.setattr(llama, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(llama, "choose_upcast_min_rows", lambda *shape: 1)  # converted measured faster
+    assert our_model(tiny_hf_model("qwen2"), dtype=torch.bfloat16).upcast_min_rows == 1  # decode included
+    monkeypatch.setattr(llama, "choose_upcast_min_rows", lambda *shape: llama.UPCAST_MIN_ROWS)
+    assert our_model(tiny_hf_model("qwen2"), dtype=torch.bfloat16).upcast_min_rows == 32
+    monkeypatch.undo()  # the measurement itself runs on any CPU
+    assert llama.choose_upcast_min_rows(64, 128, torch.bfloat16) in (1, llama.UPCAST_MIN_ROWS)

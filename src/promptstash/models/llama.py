@@ -98,6 +98,19 @@ class KVCache:
 UPCAST_MIN_ROWS = 32  # break-even of weight conversion vs slow half-precision matmul, measured on CPU
 
 
+def choose_upcast_min_rows(in_features: int, out_features: int, dtype: torch.dtype) -> int:
+    """Half precision on a CPU without half-precision instructions: 1 (every product, decode included, in
+    float32) where a one-row product is faster converted than native, measured now on the model's largest
+    layer; else UPCAST_MIN_ROWS. Some CPUs decode faster natively (half the bytes), others 20x slower."""
+    from promptstash.models.quant import _time
+
+    w_t = torch.randn(in_features, out_features).to(dtype)
+    x = torch.randn(1, in_features).to(dtype)
+    native = _time(lambda: x @ w_t, 3)
+    converted = _time(lambda: (x.float() @ w_t.float()).to(dtype), 3)
+    return 1 if converted < native else UPCAST_MIN_ROWS
+
+
 def causal_mask(ctx_len: int, num_new: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
     """[num_new, ctx_len] visibility of the last num_new tokens of a ctx_len context (None = all visible)."""
     if num_new == 1 and (sliding_window is None or ctx_len <= sliding_window):
@@ -172,10 +185,11 @@ class LlamaModel:
             raise UnsupportedFormatError(
                 f"unknown weight format {self.weight_format!r}; supported: {', '.join(WEIGHT_FORMATS)}")
         # NOTE: on CPUs without bfloat16/float16 matrix instructions those matmuls are ~4x slower than
-        # float32, so batches of at least UPCAST_MIN_ROWS rows compute in float32 from the half-precision
+        # float32, so batches of at least UPCAST_MIN_ROWS rows (or every batch, where measured faster: see
+        # choose_upcast_min_rows) compute in float32 from the half-precision
         # weights (converted per call; memory stays half-size) and round the result back.
         slow_half = self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16()
-        upcast = UPCAST_MIN_ROWS if slow_half else None
+        upcast = choose_upcast_min_rows(config.hidden_size, 2 * config.intermediate_size, dtype) if slow_half else None
         self._dense: list[DenseLinear] = []
 
         def raw(name: str) -> torch.Tensor | QuantWeight:
