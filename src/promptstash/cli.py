@@ -194,6 +194,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(bench_agent.to_markdown(res))
         print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
         return 0
+    if args.workload == "policies":
+        from promptstash.bench import policies as bench_policies
+
+        start = time.perf_counter()
+        slo = None if args.ttft_slo_ms is None else args.ttft_slo_ms / 1000.0
+        res = bench_policies.run(workloads=args.traces, fractions=args.pool_fractions, cost_model=args.cost_model,
+                                 model=args.model, validate_model=not args.no_validate, ttft_slo_s=slo,
+                                 load=args.load, quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
+        js, md = bench_policies.write(res, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+        print(bench_policies.to_markdown(res))
+        print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        return 0
     if args.workload in ("peers", "perplexity"):
         from promptstash.bench import peers as bench_peers
         from promptstash.bench import perplexity as bench_perplexity
@@ -239,7 +251,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          model=args.model, baseline=not args.no_baseline)
     else:
         print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
-              "modules, grammar, agent, soak, tenants, peers, perplexity, summary", file=sys.stderr)
+              "modules, grammar, agent, soak, tenants, peers, perplexity, policies, summary", file=sys.stderr)
         return 2
     js, md = module.write(res, Path(args.out))
     print(module.to_markdown(res))
@@ -294,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
     b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | grammar | agent "
-                   "| soak | peers | perplexity | summary")
+                   "| soak | peers | perplexity | policies | summary")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
@@ -343,7 +355,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--users", type=int, default=None, help="peers: users of the server workload (default 8)")
     b.add_argument("--no-server", action="store_true", help="peers: skip the server workload")
     b.add_argument("--quick", action="store_true",
-                   help="peers: tiny sizes (128-token prompts, 8 decode tokens, 1 repeat, 2 users), a smoke run")
+                   help="peers: tiny sizes (128-token prompts, 8 decode tokens, 1 repeat, 2 users), a smoke run; "
+                        "policies: small traces (300 Mooncake requests, 100 ShareGPT conversations)")
+    b.add_argument("--traces", nargs="+", default=["mooncake", "sharegpt"], help="policies: workloads to replay")
+    b.add_argument("--pool-fractions", type=float, nargs="+", default=[0.05, 0.10, 0.25, 0.50],
+                   help="policies: pool sizes as fractions of each trace's working set (plus unbounded)")
+    b.add_argument("--cost-model", default=None, metavar="FILE",
+                   help="policies: reuse a cost model (a saved policies.json or {coef: ...}) instead of measuring")
+    b.add_argument("--ttft-slo-ms", type=float, default=None,
+                   help="policies: TTFT SLO (default: per trace, the unbounded pool's p95 rounded up to 0.5 s)")
+    b.add_argument("--load", type=float, default=0.8,
+                   help="policies: arrivals stretched so that computing every prompt cold keeps the engine this busy")
+    b.add_argument("--no-validate", action="store_true", help="policies: skip the short replay on the real model")
     b.add_argument("--window-len", type=int, default=512, help="perplexity: tokens per window")
     b.add_argument("--windows", type=int, default=8, help="perplexity: number of windows")
     args = parser.parse_args(argv)
