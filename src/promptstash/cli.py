@@ -111,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prices=PriceSheet(input_per_mtok=args.price_input, output_per_mtok=args.price_output),
         cors_allow_origins=tuple(o.strip() for entry in args.cors_allow_origin or () for o in entry.split(",")
                                  if o.strip()),
+        semantic_cache_tenants=tuple(args.semantic_cache_tenant or ()),
     )
     print(f"promptstash: loading {args.model or 'the default model (Qwen2.5-Coder-0.5B-Instruct)'} ...",
           file=sys.stderr, flush=True)
@@ -295,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
                    help="let web pages from this origin call the API (repeatable or comma-separated; '*' = any, "
                         "e.g. http://localhost:3000); default: no CORS")
+    s.add_argument("--semantic-cache-tenant", action="append", metavar="TENANT",
+                   help="turn the semantic cache on by default for this tenant's chat requests (repeatable; '*' = "
+                        "every tenant; 'local' = the tenant when no keys are set): a paraphrase of an earlier last "
+                        "user message in the same context gets the earlier answer without running the model. A "
+                        "request may still send \"semantic_cache\": false; without this option a request opts "
+                        "in with \"semantic_cache\": true | {\"threshold\": 0.9}. Sampled requests "
+                        "(temperature > 0) without a seed never use it")
     s.add_argument("--log-level", default="warning")
     s.add_argument("--cache-dir", default=str(Path("~/.cache/promptstash/kv").expanduser()),
                    help="disk tier: KV blocks kept beyond memory and across restarts")

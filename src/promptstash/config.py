@@ -172,8 +172,13 @@ class ServerConfig:
     prices: PriceSheet = PriceSheet()
     # browser origins allowed to call the API (CORS); "*" = any; empty = no CORS headers, preflights get 405
     cors_allow_origins: tuple[str, ...] = ()
+    # tenants whose chat requests use the semantic cache unless they say "semantic_cache": false; "*" = every tenant
+    semantic_cache_tenants: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "semantic_cache_tenants", tuple(self.semantic_cache_tenants))
+        if any(not isinstance(t, str) or not t.strip() for t in self.semantic_cache_tenants):
+            raise InvalidRequestError("semantic_cache_tenants: tenant names must be non-empty strings")
         for name in ("min_cacheable_tokens", "max_queued_requests", "max_body_bytes", "default_max_tokens",
                      "tenant_max_queued"):
             value = getattr(self, name)

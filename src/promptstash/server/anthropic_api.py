@@ -66,6 +66,14 @@ from promptstash.server.common import (
     usage_extension,
 )
 from promptstash.server.errors import APIError
+from promptstash.server.semantic import (
+    ReplaySubmission,
+    SemanticOutcome,
+    SemanticPlan,
+    hit_completion,
+    parse_option,
+    with_label,
+)
 from promptstash.server.state import ServerState, cache_namespace, registry_namespace, wait_for_completion
 from promptstash.server.validate import Body, parse_json_object
 from promptstash.tools import (
@@ -401,10 +409,13 @@ class _Prepared:
     all_breakpoints: tuple[tuple[int, str], ...] = ()  # every breakpoint, cacheable or not (count_tokens)
     parse_tools: bool = False  # the output may hold tool calls (tools given, tool_choice not none)
     tool_names: tuple[str, ...] = ()  # of the tools given (a bare call naming one is a call)
+    semantic: SemanticPlan | None = None  # the request opted into the semantic cache (server/semantic.py)
+    semantic_outcome: SemanticOutcome | None = None  # what the lookup found (set once looked up)
 
     def usage(self, state: ServerState, usage: Usage) -> dict[str, Any]:
-        return usage_json(usage, usage_extension(usage, bool(self.modules), self.module_repair,
-                                                 state.engine.default_module_repair))
+        return with_label(usage_json(usage, usage_extension(usage, bool(self.modules), self.module_repair,
+                                                            state.engine.default_module_repair)),
+                          self.semantic_outcome)
 
 
 def _prepare(state: ServerState, raw: bytes, tenant: str, *, count_only: bool = False) -> _Prepared:
@@ -460,8 +471,13 @@ def _prepare(state: ServerState, raw: bytes, tenant: str, *, count_only: bool = 
     minimum = state.config.min_cacheable_tokens
     all_breakpoints = _prefix_ttls(prompt.breakpoints)
     breakpoints = [(n, ttl) for n, ttl in all_breakpoints if n >= minimum]
+    option = parse_option(body)
+    semantic = None if count_only else state.semantic_plan(
+        option, tenant=tenant, namespace=namespace, flavour="anthropic-messages", messages=messages,
+        sampling=sampling, has_modules=bool(prompt.modules),
+        extra=[[t.name, t.description, t.parameters] for t in tools] + [tool_mode is not None, prefill])
     return _Prepared(model, sampling, stream, namespace, prompt.token_ids, breakpoints, prompt.modules, repair,
-                     all_breakpoints, tool_mode is not None, tuple(t.name for t in tools))
+                     all_breakpoints, tool_mode is not None, tuple(t.name for t in tools), semantic)
 
 
 def _compile(state: ServerState, grammar: GrammarSpec, field: str) -> None:
@@ -520,22 +536,34 @@ def register(app: FastAPI, state: ServerState) -> None:
         raw = await state.read_body(request)
         p = await asyncio.to_thread(_prepare, state, raw, tenant)
         rid = new_request_id()
-        submission = await submit(state, p.token_ids, p.sampling, p.namespace, tenant=tenant,
-                                  breakpoints=p.breakpoints, overloaded_status=529, request_id=rid,
-                                  modules=p.modules, module_repair=p.module_repair if p.modules else None)
+        semantic = await state.semantic_lookup(p.semantic)
+        p = replace(p, semantic_outcome=semantic)
+        if semantic is not None and semantic.hit:
+            submission: Any = ReplaySubmission(hit_completion(semantic, rid, p.token_ids, p.namespace, tenant))
+        else:
+            submission = await submit(state, p.token_ids, p.sampling, p.namespace, tenant=tenant,
+                                      breakpoints=p.breakpoints, overloaded_status=529, request_id=rid,
+                                      modules=p.modules, module_repair=p.module_repair if p.modules else None)
         base = {"id": "msg_" + rid, "type": "message", "role": "assistant", "model": p.model}
-        headers = {"x-request-id": rid, "request-id": rid}
+        headers = {"x-request-id": rid, "request-id": rid, **(semantic.headers() if semantic is not None else {})}
         if not p.stream:
             completion = await wait_for_completion(submission, request)
             if completion is None:
                 return JSONResponse({}, status_code=499)  # the client has gone; nobody reads this
             content, stop_reason, stop_sequence = _content(completion, p)
             state.stats.record("messages", completion, tenant, modules=p.modules)
+            _remember(state, p, completion)
             return JSONResponse({**base, "content": content, "stop_reason": stop_reason,
                                  "stop_sequence": stop_sequence, "usage": p.usage(state, completion.usage)},
                                 headers=headers)
         return StreamingResponse(_events(state, submission, base, tenant, p), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **headers})
+
+
+def _remember(state: ServerState, p: _Prepared, completion: Completion) -> None:
+    """Store the model's answer in the semantic cache when the request opted in and missed."""
+    if p.semantic_outcome is not None and not p.semantic_outcome.hit:
+        state.semantic_cache().store(p.semantic_outcome, completion)
 
 
 def _stop_sequences(body: Body) -> list[str]:
@@ -577,6 +605,7 @@ async def _events(state: ServerState, submission, base: dict[str, Any], tenant: 
         for event in blocks.events(calls.finish() if calls else []):
             yield event
         state.stats.record("messages", completion, tenant, modules=p.modules)
+        _remember(state, p, completion)
         if completion.usage.completion_tokens and blocks.next_index == 0:
             for event in blocks.events([TextDelta("")]):
                 yield event

@@ -98,9 +98,26 @@ class ServerStats:
                                 buckets=LATENCY_BUCKETS, registry=r)
         self.m_e2e = Histogram("promptstash_e2e_request_latency_seconds", "End-to-end request latency",
                                ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+        # the semantic cache (server/semantic.py): opted-in lookups, hits, and refusals by the guard that refused
+        self.m_semantic_lookups = Counter("promptstash_semantic_cache_lookups", "Semantic-cache lookups of opted-in "
+                                          "requests, by outcome (hit, miss, refused, bypass, error)",
+                                          ["outcome", "tenant"], registry=r)
+        self.m_semantic_hits = Counter("promptstash_semantic_cache_hits", "Requests answered from the semantic cache "
+                                       "(the model did not run)", ["tenant"], registry=r)
+        self.m_semantic_refusals = Counter("promptstash_semantic_cache_refusals", "Semantic-cache candidates above "
+                                           "the threshold refused by a guard", ["guard", "tenant"], registry=r)
         self._per_request = [self.m_requests, self.m_prompt, self.m_cached, self.m_generated, self.m_written,
-                             self.m_refused, self.m_ttft, self.m_e2e]
+                             self.m_refused, self.m_ttft, self.m_e2e, self.m_semantic_lookups, self.m_semantic_hits,
+                             self.m_semantic_refusals]
         r.register(_PoolCollector(engine))
+
+    def record_semantic(self, tenant: str, outcome: str, guard: str | None = None) -> None:
+        """One opted-in request's semantic-cache outcome (hit | miss | refused | bypass | error)."""
+        self.m_semantic_lookups.labels(outcome=outcome, tenant=tenant).inc()
+        if outcome == "hit":
+            self.m_semantic_hits.labels(tenant=tenant).inc()
+        elif outcome == "refused" and guard is not None:
+            self.m_semantic_refusals.labels(guard=guard, tenant=tenant).inc()
 
     def tenant_view(self, tenant: str) -> TenantView:
         """What /metrics shows a tenant's key: its own series of the per-request families, nothing shared."""

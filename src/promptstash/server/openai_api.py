@@ -75,6 +75,14 @@ from promptstash.server.common import (
     usage_extension,
 )
 from promptstash.server.errors import APIError
+from promptstash.server.semantic import (
+    ReplaySubmission,
+    SemanticOutcome,
+    SemanticPlan,
+    hit_completion,
+    parse_option,
+    with_label,
+)
 from promptstash.server.state import ServerState, cache_namespace, registry_namespace, wait_for_completion
 from promptstash.server.validate import Body, parse_json_object, type_name
 from promptstash.tools import ToolCall, ToolDef
@@ -132,6 +140,7 @@ class _Prepared:
     token_ids: list[int]
     modules: tuple[ModuleSpan, ...] = ()
     breakpoints: tuple[tuple[int, str], ...] = ()  # (prefix_len, ttl_class) to protect once computed
+    semantic: SemanticPlan | None = None  # the request opted into the semantic cache (server/semantic.py)
 
 
 # -- request fields --------------------------------------------------------------------------------------------
@@ -557,7 +566,11 @@ def _prepare_chat(state: ServerState, raw: bytes, tenant: str) -> _Prepared:
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
     breakpoints = _breakpoints(state, opts, len(rendered.token_ids), rendered.breakpoints)
-    return _Prepared(opts, rendered.token_ids, rendered.modules, breakpoints)
+    semantic = state.semantic_plan(
+        parse_option(body), tenant=tenant, namespace=opts.namespace, flavour="openai-chat", messages=messages,
+        sampling=opts.sampling, has_modules=bool(rendered.modules),
+        extra=[[t.name, t.description, t.parameters] for t in opts.tools] + [opts.parse_tools])
+    return _Prepared(opts, rendered.token_ids, rendered.modules, breakpoints, semantic)
 
 
 def _prepare_completion(state: ServerState, raw: bytes, tenant: str) -> _Prepared:
@@ -570,6 +583,8 @@ def _prepare_completion(state: ServerState, raw: bytes, tenant: str) -> _Prepare
         raise body.fail("suffix", "suffix is not supported")
     if body.int("best_of", 1) != 1:
         raise body.fail("best_of", "only best_of=1 is supported")
+    if parse_option(body).requested:
+        raise body.fail("semantic_cache", "the semantic cache needs a last user message: use /v1/chat/completions")
     prompt = _completion_prompt(body)
     if isinstance(prompt, str):
         state.check_prompt_chars(len(prompt), "prompt")
@@ -697,18 +712,27 @@ async def _respond(state: ServerState, request: Request, kind: str, prepared: _P
         room = max(1, state.engine.max_model_len - len(token_ids))
         opts = replace(opts, sampling=replace(opts.sampling, max_tokens=min(opts.sampling.max_tokens, room)))
     rid = new_request_id()
-    submission = await submit(state, token_ids, opts.sampling, opts.namespace, tenant=opts.tenant,
-                              breakpoints=prepared.breakpoints, request_id=rid, modules=modules,
-                              module_repair=opts.module_repair if modules else None)
+    semantic: SemanticOutcome | None = await state.semantic_lookup(prepared.semantic)
+    if semantic is not None and semantic.hit:
+        submission: Any = ReplaySubmission(hit_completion(semantic, rid, token_ids, opts.namespace, opts.tenant))
+    else:
+        submission = await submit(state, token_ids, opts.sampling, opts.namespace, tenant=opts.tenant,
+                                  breakpoints=prepared.breakpoints, request_id=rid, modules=modules,
+                                  module_repair=opts.module_repair if modules else None)
     text_of = _TokenText(state.engine.tokenizer)
 
     def usage(u: Usage) -> dict[str, Any]:
-        return usage_json(u, usage_extension(u, bool(modules), opts.module_repair, state.engine.default_module_repair))
+        return with_label(usage_json(u, usage_extension(u, bool(modules), opts.module_repair,
+                                                        state.engine.default_module_repair)), semantic)
+
+    def remember(completion: Completion) -> None:
+        if semantic is not None and not semantic.hit:
+            state.semantic_cache().store(semantic, completion)
 
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     obj = "chat.completion" if kind == "chat" else "text_completion"
     created = int(time.time())
-    headers = {"x-request-id": rid}
+    headers = {"x-request-id": rid, **(semantic.headers() if semantic is not None else {})}
     base = {"id": prefix + rid, "object": obj, "created": created, "model": opts.model, "system_fingerprint": None}
 
     if not opts.stream:
@@ -716,6 +740,7 @@ async def _respond(state: ServerState, request: Request, kind: str, prepared: _P
         if completion is None:
             return JSONResponse({}, status_code=499)  # the client has gone; nobody reads this
         state.stats.record(kind, completion, opts.tenant, modules=modules)
+        remember(completion)
         choice = _chat_choice if kind == "chat" else _text_choice
         choices = [choice(sample, opts, text_of) for sample in completion.samples]
         return JSONResponse({**base, "choices": choices, "usage": usage(completion.usage)}, headers=headers)
@@ -746,6 +771,7 @@ async def _respond(state: ServerState, request: Request, kind: str, prepared: _P
                                      "param": None, "code": None}})
                 return
             state.stats.record(kind, completion, opts.tenant, modules=modules)
+            remember(completion)
             for s, sample in zip(streams, completion.samples, strict=False):
                 for choice in s.finish(sample.finish_reason):  # samples whose end no update named
                     yield chunk([choice])

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -26,6 +27,7 @@ from promptstash.errors import PromptstashError
 from promptstash.server.errors import APIError
 from promptstash.server.loop import EngineLoop, Submission
 from promptstash.server.metrics import ServerStats
+from promptstash.server.semantic import SemanticCache, SemanticOption, SemanticOutcome, SemanticPlan, plan_for
 
 LOCAL_TENANT = "local"
 ADMIN_TENANT = "admin"
@@ -125,6 +127,7 @@ class ServerState:
     stats: ServerStats
     model_name: str
     created: int
+    semantic: SemanticCache | None = None  # None: built on first use (server/semantic.py)
     _keys: list[tuple[bytes, Caller]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +136,29 @@ class ServerState:
         self._keys += [(k.encode(), Caller(ADMIN_TENANT, True, "admin")) for k in c.admin_keys]
         if c.metrics_key:
             self._keys.append((c.metrics_key.encode(), Caller(None, True, "metrics")))
+
+    def semantic_cache(self) -> SemanticCache:
+        """The server's semantic cache; its responses go to the engine's tiers when it has any."""
+        if self.semantic is None:
+            from promptstash.semantic.store import SemanticIndex
+
+            store = getattr(self.engine, "kv_store", None)
+            self.semantic = SemanticCache(SemanticIndex(store.chain if store is not None else None),
+                                          self.stats.record_semantic)
+        return self.semantic
+
+    def semantic_default(self, tenant: str) -> bool:
+        """Whether the semantic cache is on for `tenant`'s requests that do not say (--semantic-cache-tenant)."""
+        tenants = self.config.semantic_cache_tenants
+        return "*" in tenants or tenant in tenants
+
+    async def semantic_lookup(self, plan: SemanticPlan | None) -> SemanticOutcome | None:
+        """Look an opted-in request up (None: not opted in)."""
+        return None if plan is None else await self.semantic_cache().lookup(plan)
+
+    def semantic_plan(self, option: SemanticOption, *, tenant: str, **kwargs: Any) -> SemanticPlan | None:
+        """plan_for() with this server's model and the tenant's default (None: the request is not opted in)."""
+        return plan_for(option, self.semantic_default(tenant), tenant=tenant, model_id=self.engine.model_id, **kwargs)
 
     @property
     def auth_required(self) -> bool:
