@@ -58,6 +58,7 @@ bench: setup redis peers
 	$(VENV)/bin/promptstash bench perplexity --out benchmarks/results
 	$(VENV)/bin/promptstash bench peers --out benchmarks/results
 	$(VENV)/bin/promptstash bench policies --out benchmarks/results
+	$(VENV)/bin/promptstash bench semantic --out benchmarks/results
 	$(VENV)/bin/promptstash bench summary --out benchmarks/results
 
 # Ten minutes against a real server subprocess: streaming clients, disconnects, hostile bodies, a Redis

@@ -207,6 +207,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(bench_policies.to_markdown(res))
         print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
         return 0
+    if args.workload == "semantic":
+        from promptstash.bench import semantic as bench_semantic
+
+        start = time.perf_counter()
+        res = bench_semantic.run(log=lambda m: print(m, file=sys.stderr))
+        js, md = bench_semantic.write(res, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+        print(bench_semantic.to_markdown(res))
+        print(f"wrote {js} and {md} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        return 0
     if args.workload in ("peers", "perplexity"):
         from promptstash.bench import peers as bench_peers
         from promptstash.bench import perplexity as bench_perplexity
@@ -252,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          model=args.model, baseline=not args.no_baseline)
     else:
         print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
-              "modules, grammar, agent, soak, tenants, peers, perplexity, policies, summary", file=sys.stderr)
+              "modules, grammar, agent, soak, tenants, peers, perplexity, policies, semantic, summary", file=sys.stderr)
         return 2
     js, md = module.write(res, Path(args.out))
     print(module.to_markdown(res))
@@ -314,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
     b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | grammar | agent "
-                   "| soak | peers | perplexity | policies | summary")
+                   "| soak | peers | perplexity | policies | semantic | summary")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
