@@ -6,6 +6,8 @@ import pytest
 import torch
 from conftest import LOGIT_TOLERANCE, WEIGHT_FORMATS, tiny_engine
 
+from promptstash.cache.eviction import EVICTION_POLICIES
+
 BLOCK = 16
 
 
@@ -71,3 +73,23 @@ def test_caching_off_never_reports_hits() -> None:
     engine.generate(prompt, max_tokens=2)
     assert engine.generate(prompt, max_tokens=2).usage.cached_tokens == 0
     assert engine.stats().cache.num_published_blocks == 0
+
+
+@pytest.mark.parametrize("eviction", EVICTION_POLICIES)
+def test_suffix_logits_after_a_partial_hit_in_a_churned_pool_equal_full_prefill(eviction: str) -> None:
+    """Under every eviction policy: whatever part of a prefix survives other requests' churn is reused
+    exactly (fp32 logits within 1e-4 of recomputing)."""
+    pool = dict(block_size=BLOCK, kv_cache_tokens=12 * BLOCK, max_prefill_tokens=4 * BLOCK)
+    cached = tiny_engine("qwen2", eviction=eviction, ttft_slo_ms=1.0, **pool)
+    uncached = tiny_engine("qwen2", enable_prefix_caching=False, **pool)
+    prefix = _tokens(8 * BLOCK, 40)
+    cached.generate(prefix + _tokens(5, 41), max_tokens=2)
+    for seed in range(2):  # other requests take part of the pool
+        cached.generate(_tokens(3 * BLOCK, 50 + seed), max_tokens=2)
+    probe = prefix + _tokens(7, 42)
+    hit = cached.prompt_logits(probe)
+    full = uncached.prompt_logits(probe)
+    assert cached.stats().cache.num_evictions > 0
+    assert hit.num_cached_tokens % BLOCK == 0 and hit.num_cached_tokens > 0
+    assert (hit.logits - full.logits[hit.num_cached_tokens:]).abs().max().item() <= LOGIT_TOLERANCE["float32"]
+    cached.check_integrity()

@@ -26,6 +26,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="modules: what is recomputed where cached modules are assembled, unless a request says: "
                         "none (the default) | legolink[:K] (K=16) | cacheblend[:R] (R=0.3) | full")
     p.add_argument("--models-dir", default=None, help="where converted models live (default ~/.cache/promptstash)")
+    p.add_argument("--eviction", default="lru", choices=["lru", "tlru", "cost"],
+                   help="which cached block goes first when the pool is full: lru, tlru (tail-optimized: blocks a "
+                        "conversation's next turn can recompute within --ttft-slo-ms go first) or cost (recompute "
+                        "cost x uses); see `bench policies`")
+    p.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="tlru: the time-to-first-token target")
+    p.add_argument("--schedule", default="fcfs", choices=["fcfs", "lpm"],
+                   help="admission order: fcfs, or lpm (longest cached prefix first, bounded by --max-wait-ms)")
+    p.add_argument("--max-wait-ms", type=float, default=10000.0,
+                   help="lpm: a request waiting this long goes ahead of every other")
 
 
 def _engine(args: argparse.Namespace):
@@ -42,7 +51,8 @@ def _engine(args: argparse.Namespace):
                                   batch_invariant=args.batch_invariant, device=args.device, block_size=args.block_size,
                                   kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.models_dir, **tiers,
                                   enable_prefix_caching=not args.no_prefix_caching, module_repair=args.module_repair,
-                                  max_num_seqs=getattr(args, "max_num_seqs", 16))
+                                  max_num_seqs=getattr(args, "max_num_seqs", 16), eviction=args.eviction,
+                                  ttft_slo_ms=args.ttft_slo_ms, schedule=args.schedule, max_wait_ms=args.max_wait_ms)
 
 
 def _size(text: str) -> int:
@@ -380,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cost-model", default=None, metavar="FILE",
                    help="policies: reuse a cost model (a saved policies.json or {coef: ...}) instead of measuring")
     b.add_argument("--ttft-slo-ms", type=float, default=None,
-                   help="policies: TTFT SLO (default: per trace, the unbounded pool's p95 rounded up to 0.5 s)")
+                   help="policies: TTFT SLO (default: per trace, the cold prefill time of its median prompt)")
     b.add_argument("--load", type=float, default=0.8,
                    help="policies: arrivals stretched so that computing every prompt cold keeps the engine this busy")
     b.add_argument("--no-validate", action="store_true", help="policies: skip the short replay on the real model")

@@ -64,6 +64,11 @@ class EngineConfig:
     kv_storage_dtype: str = "auto"  # dtype of stored entries; "auto" = the pool's (exact reuse)
     # modules: what is recomputed where cached modules are assembled (none | legolink[:K] | cacheblend[:R] | full)
     module_repair: str = "none"  # chosen by `bench modules` (see cache/modules.py)
+    # which cached block goes first when the pool is full: lru | tlru | cost (cache/eviction.py, `bench policies`)
+    eviction: str = "lru"
+    ttft_slo_ms: float = 1000.0  # tlru: the TTFT target that decides which tail blocks are safe to evict
+    schedule: str = "fcfs"  # admission order: fcfs | lpm (longest cached prefix first; engine/scheduler.py)
+    max_wait_ms: float = 10000.0  # lpm: a request waiting this long goes ahead of every other
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -88,9 +93,20 @@ class EngineConfig:
         if self.kv_storage_dtype != "auto" and self.kv_storage_dtype not in DTYPES:
             raise InvalidRequestError(f"kv_storage_dtype must be 'auto' or one of {', '.join(DTYPES)}, "
                                       f"got {self.kv_storage_dtype!r}")
+        from promptstash.cache.eviction import EVICTION_POLICIES
         from promptstash.cache.modules import ModuleRepair
+        from promptstash.engine.scheduler import SCHEDULES
 
         ModuleRepair.parse(self.module_repair)
+        if self.eviction not in EVICTION_POLICIES:
+            raise InvalidRequestError(
+                f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidRequestError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("ttft_slo_ms", "max_wait_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise InvalidRequestError(f"{name} must be a number > 0, got {value!r}")
         if not 0.0 <= self.max_protected_fraction <= 1.0:
             raise InvalidRequestError(f"max_protected_fraction must be in [0, 1], got {self.max_protected_fraction}")
         if self.max_prefill_tokens % self.block_size:

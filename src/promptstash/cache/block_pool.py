@@ -3,18 +3,19 @@
 Every block is in exactly one of three states:
 
     free      ref_count == 0, no hash        in `_free` (a stack)
-    cached    ref_count == 0, has a hash     in `_evictable` (LRU order: first = evicted first)
+    cached    ref_count == 0, has a hash     in `policy` (an eviction policy: it names the next victim)
     in use    ref_count  > 0                 in neither
 
 NOTE: free + cached + in use == num_blocks at all times; `check()` verifies it. All operations are O(1)
-per block (a list stack and an insertion-ordered dict).
+per block (a list stack), plus the policy's cost (O(1) for LRU, O(log n) for cost-aware).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from promptstash.cache.eviction import EvictionPolicy, LRUPolicy
 
 
 @dataclass(slots=True)
@@ -33,13 +34,15 @@ class PoolUsage:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, on_evict: Callable[[Block], None] | None = None) -> None:
-        """on_evict(block) is called when a cached block is taken for new content, before its hash is cleared."""
+    def __init__(self, num_blocks: int, on_evict: Callable[[Block], None] | None = None,
+                 policy: EvictionPolicy | None = None) -> None:
+        """on_evict(block) is called when a cached block is taken for new content, before its hash is cleared;
+        policy orders cached blocks for eviction (default: LRU)."""
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least 1 block, got {num_blocks}")
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() yields block 0 first
-        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self.policy: EvictionPolicy = LRUPolicy() if policy is None else policy
         self._on_evict = on_evict
         self.num_evictions = 0
 
@@ -50,10 +53,10 @@ class BlockPool:
     @property
     def num_available(self) -> int:
         """Blocks that allocate() can hand out now (free, or cached and unreferenced)."""
-        return len(self._free) + len(self._evictable)
+        return len(self._free) + len(self.policy)
 
     def allocate(self, num: int) -> list[int] | None:
-        """Take `num` blocks with ref_count 1: free ones first, then the least recently used cached ones.
+        """Take `num` blocks with ref_count 1: free ones first, then cached ones in the policy's order.
 
         Returns None (and changes nothing) when fewer than `num` are available.
         """
@@ -64,8 +67,7 @@ class BlockPool:
             if self._free:
                 block = self.blocks[self._free.pop()]
             else:
-                block_id, _ = self._evictable.popitem(last=False)
-                block = self.blocks[block_id]
+                block = self.blocks[self.policy.pop()]
                 if self._on_evict is not None:
                     self._on_evict(block)
                 block.block_hash = None
@@ -80,14 +82,14 @@ class BlockPool:
         if block.ref_count == 0:
             if block.block_hash is None:
                 raise ValueError(f"block {block_id} is free; only cached or in-use blocks can be shared")
-            del self._evictable[block_id]
+            self.policy.remove(block_id)
         block.ref_count += 1
 
     def release(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block, in the given order.
 
-        NOTE: blocks reaching ref_count 0 with a hash join the END of the eviction queue in this order,
-        so callers pass a finished request's blocks tail first: its tail is evicted before its head.
+        NOTE: blocks reaching ref_count 0 with a hash go to the policy in this order (for LRU: the END of its
+        queue), so callers pass a finished request's blocks tail first: its tail is evicted before its head.
         """
         for block_id in block_ids:
             block = self.blocks[block_id]
@@ -98,7 +100,7 @@ class BlockPool:
                 if block.block_hash is None:
                     self._free.append(block_id)
                 else:
-                    self._evictable[block_id] = None
+                    self.policy.add(block_id)
 
     def set_hash(self, block_id: int, block_hash: bytes) -> None:
         block = self.blocks[block_id]
@@ -108,15 +110,16 @@ class BlockPool:
 
     def eviction_order(self) -> list[int]:
         """Cached unreferenced blocks, the next to be evicted first."""
-        return list(self._evictable)
+        return self.policy.order()
 
     def usage(self) -> PoolUsage:
-        num_free, num_cached = len(self._free), len(self._evictable)
+        num_free, num_cached = len(self._free), len(self.policy)
         return PoolUsage(self.num_blocks, num_free, num_cached, self.num_blocks - num_free - num_cached)
 
     def check(self) -> None:
         """Raise AssertionError if the three states do not partition the pool exactly."""
-        free, cached = set(self._free), set(self._evictable)
+        free, cached = set(self._free), set(self.policy)
+        assert len(cached) == len(self.policy), "the eviction policy holds a block twice"
         assert len(free) == len(self._free), "a block is twice in the free list"
         assert not free & cached, "a block is both free and cached"
         in_use = {b.block_id for b in self.blocks if b.ref_count > 0}

@@ -1,6 +1,7 @@
 """The one cache API of the engine: prefix matching, block tables, publishing, TTL protection and release.
 
-    scheduler:  open, extend_match, waits_for_other, allocate, close, limit_publish, hold_module
+    scheduler:  open, extend_match, waits_for_other, allocate, close, limit_publish, hold_module,
+                prefix_hashes / cached_prefix_len (lpm), note_admission
     engine:     block_table, commit, protect, plan_load / reserve_load / finish_load, locate, stats,
                 module_hashes, plan_module_load, allocate_module / publish_module, release_held
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from promptstash.cache.block_pool import Block, BlockPool, PoolUsage
+from promptstash.cache.eviction import EvictionConfig, make_policy
 from promptstash.cache.hashing import extend_hashes, module_hashes, module_root_hash, root_hash
 from promptstash.cache.prefix_index import PrefixIndex
 from promptstash.cache.ttl import TTL_SECONDS
@@ -105,23 +107,26 @@ class _Seq:
     matching: bool = True  # nothing computed yet beyond cache hits, so later hits may still extend
     max_published: int | None = None  # blocks beyond this hold approximate K/V (modules): never published
     held: list[int] = field(default_factory=list)  # module blocks held for copying (one reference each)
+    num_tokens: int = 0  # tokens whose K/V are in the pool (matched or computed)
 
 
 class CacheManager:
     def __init__(self, num_blocks: int, block_size: int, model_id: str, kv_layout: str,
                  enable_prefix_caching: bool = True, *, clock: Callable[[], float] = time.monotonic,
                  ttl_seconds: Mapping[str, float] | None = None, max_protected_blocks: int | None = None,
-                 store: BlockStore | None = None) -> None:
+                 store: BlockStore | None = None, eviction: EvictionConfig | None = None) -> None:
         """clock: seconds (monotonic) for TTLs; ttl_seconds overrides TTL_SECONDS (tests use short ones);
         max_protected_blocks caps blocks held by TTL protection (default: half the pool); store, if given,
         receives every published block (write-through); loading blocks back is plan_load / reserve_load /
-        finish_load, driven by the engine so that no tier I/O happens here."""
+        finish_load, driven by the engine so that no tier I/O happens here; eviction picks the policy that
+        orders cached blocks for eviction (cache/eviction.py; default LRU)."""
         self.block_size = block_size
         self.model_id = model_id
         self.kv_layout = kv_layout
         self.enable_prefix_caching = enable_prefix_caching
         self.index = PrefixIndex()
-        self.pool = BlockPool(num_blocks, on_evict=self._on_evict)
+        self.eviction = eviction or EvictionConfig()
+        self.pool = BlockPool(num_blocks, on_evict=self._on_evict, policy=make_policy(self.eviction, block_size))
         self._seqs: dict[str, _Seq] = {}
         self._pending: dict[bytes, str] = {}  # block hash -> seq that will compute it
         self._num_published = 0
@@ -183,6 +188,7 @@ class CacheManager:
                 if self._pending.get(h) == seq_id:
                     del self._pending[h]
             seq.num_published = len(seq.block_ids)
+            seq.num_tokens = max(seq.num_tokens, seq.num_published * self.block_size)
         return seq.num_published * self.block_size
 
     def waits_for_other(self, seq_id: str, num_computed: int) -> bool:
@@ -216,6 +222,7 @@ class CacheManager:
         """Record that the first num_computed tokens' K/V are in the pool; publish newly full blocks."""
         seq = self._seqs[seq_id]
         seq.matching = False
+        seq.num_tokens = max(seq.num_tokens, num_computed)
         extend_hashes(seq.hashes, seq.root, token_ids, self.block_size)
         num_full = num_computed // self.block_size
         if seq.max_published is not None:
@@ -260,12 +267,18 @@ class CacheManager:
         self._seqs[child_id] = child
         return ForkResult(copy)
 
-    def close(self, seq_id: str) -> None:
-        """Release a finished, aborted or preempted sequence: tail blocks become evictable first."""
+    def close(self, seq_id: str, *, turn_ended: bool = True) -> None:
+        """Release a finished, aborted or preempted sequence: tail blocks become evictable first.
+
+        turn_ended: the sequence's turn is over (not a preemption), so the eviction policy hears of it."""
         seq = self._seqs.pop(seq_id)
         for h in seq.hashes:
             if self._pending.get(h) == seq_id:
                 del self._pending[h]
+        if turn_ended:
+            blocks = self.pool.blocks
+            published = [b for b in seq.block_ids[:seq.num_published] if blocks[b].block_hash is not None]
+            self.pool.policy.note_sequence(published, seq.num_tokens)
         self.pool.release(reversed(seq.block_ids))
         self.pool.release(seq.held)
 
@@ -522,6 +535,26 @@ class CacheManager:
         return counts
 
     # -- queries ---------------------------------------------------------------------------------
+    def prefix_hashes(self, token_ids: Sequence[int], namespace: str) -> list[bytes]:
+        """The block hashes of a prompt's full blocks (for cached_prefix_len; compute once per prompt)."""
+        hashes: list[bytes] = []
+        extend_hashes(hashes, root_hash(self.model_id, self.kv_layout, namespace), token_ids, self.block_size)
+        return hashes
+
+    def cached_prefix_len(self, hashes: Sequence[bytes]) -> int:
+        """Tokens of a prompt's prefix in the pool now (its hashes from prefix_hashes). Changes nothing."""
+        if not self.enable_prefix_caching:
+            return 0
+        return len(self.index.longest_prefix(hashes)) * self.block_size
+
+    def note_admission(self, prompt_len: int, num_cached: int) -> None:
+        """A request was admitted (first time only) with num_cached of its prompt tokens from the cache."""
+        self.pool.policy.note_request(prompt_len, num_cached)
+
+    def set_prefill_rate(self, tokens_per_s: float) -> None:
+        """The engine's measured prefill speed (the tlru policy turns its TTFT target into tokens with it)."""
+        self.pool.policy.set_prefill_rate(tokens_per_s)
+
     def block_table(self, seq_id: str) -> list[int]:
         return self._seqs[seq_id].block_ids
 

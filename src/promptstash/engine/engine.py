@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from promptstash.cache.eviction import EvictionConfig
 from promptstash.cache.manager import CacheManager, CacheStats, LoadPlan
 from promptstash.cache.modules import ModuleRegistry, ModuleRepair, ModuleSpan, RegisteredModule
 from promptstash.cache.tiers.base import TierStats
@@ -149,9 +150,12 @@ class Engine:
         self.kv_store = self._make_store(model_id, kv_layout) if config.enable_prefix_caching else None
         self.cache = CacheManager(num_blocks, block_size, model_id, kv_layout, config.enable_prefix_caching,
                                   clock=clock, max_protected_blocks=int(num_blocks * config.max_protected_fraction),
-                                  store=self.kv_store)
+                                  store=self.kv_store,
+                                  eviction=EvictionConfig(config.eviction, ttft_slo_s=config.ttft_slo_ms / 1000))
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_prefill_tokens,
-                                   config.tenant_max_running)
+                                   config.tenant_max_running, schedule=config.schedule,
+                                   max_wait_s=config.max_wait_ms / 1000)
+        self._prefill_rate: float | None = None  # measured prefill tokens/s (moving average), for tlru
         self.runner = ModelRunner(model, self.kv)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ()) | frozenset(mcfg.eos_token_ids)
@@ -581,7 +585,9 @@ class Engine:
                         for fill in chunk.fills:
                             self._fill(chunk.request, fill)
                         self.cache.release_held(chunk.request.request_id)
+                started = time.perf_counter()
                 out = self.runner.run(chunks, tables)
+                self._note_prefill_rate(chunks, time.perf_counter() - started)
             except Exception as exc:  # keep the engine usable: the step's requests fail, nothing leaks
                 log.exception("model step failed; finishing its %d requests with an error", len(chunks))
                 updates = [self._finish(c.request, "error", error=_describe(exc, "the model step failed"))
@@ -601,6 +607,16 @@ class Engine:
                     if not request.finished:
                         updates.append(self._finish(request, "error", error=_describe(exc, "post-processing failed")))
             return StepResult(tuple(updates), len(chunks))
+
+    def _note_prefill_rate(self, chunks: Sequence[ScheduledChunk], elapsed_s: float) -> None:
+        """Feed the measured prefill speed to the cache (the tlru policy's TTFT target in tokens): steps
+        that are mostly prefill (>= 64 prompt tokens), moving average over about ten of them."""
+        num_prefill = sum(c.num_tokens for c in chunks if c.num_tokens > 1)
+        if num_prefill < 64 or elapsed_s <= 0:
+            return
+        rate = num_prefill / elapsed_s
+        self._prefill_rate = rate if self._prefill_rate is None else 0.9 * self._prefill_rate + 0.1 * rate
+        self.cache.set_prefill_rate(self._prefill_rate)
 
     def _post_process(self, chunk: ScheduledChunk, out: StepLogits, rows: slice, now: float,
                       kept: torch.Tensor | None = None) -> list[RequestUpdate]:

@@ -11,8 +11,16 @@ prompt is cut into the same chunks whether or not part of it came from the cache
     cache off:  [ chunk   )[ chunk    )[ chunk  )
     cache hit:  [ cached blocks ...  )[chunk )      <- last chunk ends at the same place
 
-Admission is first come, first served, except that a tenant already running `tenant_max_running` requests
-is skipped (its next request waits, later tenants' requests go ahead).
+Admission order is a policy (`schedule`):
+
+    fcfs   first come, first served
+    lpm    longest cached prefix first (SGLang's longest-prefix-match): the waiting request with the most
+           tokens already in the pool goes first, ties first come first served; a request waiting longer
+           than `max_wait_s` goes ahead of every other (oldest first), so none starves
+
+Under both, preempted requests go first, and a tenant already running `tenant_max_running` requests is
+skipped (its next request waits, later tenants' requests go ahead). Requests sharing an uncomputed prefix
+still compute it once whatever the order (the cache manager's pending blocks, `waits_for_other`).
 
 A request with modules assembles its prompt after its prefix match (see engine/assembly.py): its chunks
 are then "encode" (a module computed alone), "assemble" (rows in position order, after fills that copy
@@ -21,7 +29,9 @@ cached modules in), and finally plain decode chunks.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from promptstash.cache.manager import CacheManager
@@ -49,10 +59,24 @@ class ScheduledChunk:
         return self.end - self.start if self.kind == "compute" else len(self.rows)
 
 
+SCHEDULES = ("fcfs", "lpm")
+
+
 class Scheduler:
     def __init__(self, cache: CacheManager, max_num_seqs: int, max_prefill_tokens: int,
-                 tenant_max_running: int = 0) -> None:
-        """tenant_max_running: requests of one tenant running at once (0 = no limit)."""
+                 tenant_max_running: int = 0, *, schedule: str = "fcfs", max_wait_s: float = 10.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        """tenant_max_running: requests of one tenant running at once (0 = no limit); schedule: admission
+        order, "fcfs" or "lpm"; max_wait_s: lpm's bound on how long a request is passed over; clock: the
+        time base of Request.arrival_time."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if not max_wait_s >= 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.schedule_policy = schedule
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self._hashes: dict[str, list[bytes]] = {}  # lpm: waiting request -> its prompt's block hashes
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
@@ -77,7 +101,7 @@ class Scheduler:
 
     def preempt(self, request: Request) -> None:
         """Give a running request's blocks back; it restarts later, hitting its own cached blocks."""
-        self.cache.close(request.request_id)
+        self.cache.close(request.request_id, turn_ended=False)
         request.assembly = None
         self.running.remove(request)
         request.status = RequestStatus.WAITING
@@ -93,6 +117,7 @@ class Scheduler:
             self.cache.close(request.request_id)
         elif request in self.waiting:
             self.waiting.remove(request)
+            self._hashes.pop(request.request_id, None)
         request.status = RequestStatus.FINISHED
 
     def schedule(self) -> list[ScheduledChunk]:
@@ -108,7 +133,7 @@ class Scheduler:
                 budget -= self._prefill_cost(chunk)
                 chunks.append(chunk)
         running_by_tenant = Counter(r.tenant for r in self.running)
-        for request in list(self.waiting):
+        for request in self.admission_order():
             if len(self.running) >= self.max_num_seqs or budget <= 0:
                 break
             if self.tenant_max_running and running_by_tenant[request.tenant] >= self.tenant_max_running:
@@ -116,21 +141,43 @@ class Scheduler:
             request.num_computed = self.cache.open(request.request_id, request.token_ids, request.namespace)
             chunk = self._schedule_one(request, budget, scheduled, may_preempt=False)
             if chunk is None and not self.cache.waits_for_other(request.request_id, request.num_computed):
-                self.cache.close(request.request_id)  # the pool has no room yet: stay in the queue
+                self.cache.close(request.request_id, turn_ended=False)  # the pool has no room yet: stay queued
                 request.assembly = None
                 break
             self.waiting.remove(request)
+            self._hashes.pop(request.request_id, None)
             self.running.append(request)
             running_by_tenant[request.tenant] += 1
             request.status = RequestStatus.RUNNING
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = request.num_computed
+                self.cache.note_admission(request.prompt_len, request.num_computed)
                 self.num_query_tokens += request.prompt_len
                 self.num_hit_tokens += request.num_computed
             if chunk is not None:
                 budget -= self._prefill_cost(chunk)
                 chunks.append(chunk)
         return chunks
+
+    def admission_order(self) -> list[Request]:
+        """Waiting requests in the order they are offered a place (see the module docstring)."""
+        if self.schedule_policy == "fcfs" or len(self.waiting) < 2:
+            return list(self.waiting)
+        now = self.clock()
+        first: list[Request] = []  # preempted, then overdue: oldest first
+        ranked: list[tuple[int, int, Request]] = []
+        for i, request in enumerate(self.waiting):
+            if request.num_preemptions or now - request.arrival_time >= self.max_wait_s:
+                first.append(request)
+                continue
+            hashes = self._hashes.get(request.request_id)
+            if hashes is None:
+                hashes = self._hashes[request.request_id] = self.cache.prefix_hashes(request.token_ids,
+                                                                                     request.namespace)
+            ranked.append((-self.cache.cached_prefix_len(hashes), i, request))
+        first.sort(key=lambda r: (r.num_preemptions == 0, r.arrival_time))
+        ranked.sort(key=lambda t: t[:2])
+        return first + [r for _, _, r in ranked]
 
     def _prefill_cost(self, chunk: ScheduledChunk) -> int:
         if chunk.kind != "compute":
