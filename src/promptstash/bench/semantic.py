@@ -224,6 +224,10 @@ def run(data: Path = DATA, thresholds: Sequence[float] = THRESHOLDS, embedder: A
 
 
 # -- the report --------------------------------------------------------------------------------------------
+def _thr(t: float) -> str:
+    return f"{t:.2f}" if round(t, 2) == t else f"{t:.3f}"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.1%}"
 
@@ -238,7 +242,7 @@ def table_lines(res: dict[str, Any], every: int = 1) -> list[str]:
             continue
         mark = " **(chosen)**" if r["threshold"] == chosen else ""
         kinds = " | ".join(_pct(r["by_kind_guarded"][k]) for k in KINDS)
-        lines.append(f"| {r['threshold']:g}{mark} | {_pct(r['hit_rate_guarded'])} | "
+        lines.append(f"| {_thr(r['threshold'])}{mark} | {_pct(r['hit_rate_guarded'])} | "
                      f"{_pct(r['false_hit_rate_guarded'])} ({r['false_hits_guarded']}) | {kinds} | "
                      f"{_pct(r['hit_rate_embedding'])} | {_pct(r['false_hit_rate_embedding'])} |")
     return lines
@@ -253,10 +257,11 @@ def verdict(res: dict[str, Any]) -> str:
     need = w["share_needed"]["30%"]
     if hr < SEED_GAIN[0]:
         return (f"**The seed's \"+30-40% hit rate\" is not reached at the 1% false-hit bound.** At threshold "
-                f"{c['threshold']:g} the semantic cache serves {hr:.1%} of paraphrased repeats, so even a workload "
+                f"{_thr(c['threshold'])} the semantic cache serves {hr:.1%} of paraphrased repeats, so even a workload "
                 f"in which every request repeats an earlier one in other words gains {hr:.1%} points of hit rate over "
                 f"exact matching, below +30%.")
-    return (f"At threshold {c['threshold']:g} the semantic cache serves {hr:.1%} of paraphrased repeats: the seed's "
+    return (f"At threshold {_thr(c['threshold'])} the semantic cache serves "
+            f"{hr:.1%} of paraphrased repeats: the seed's "
             f"+30% is reached only on a workload where at least {need:.0%} of requests repeat an earlier question in "
             f"other words (and +40% needs {w['share_needed']['40%'] or 0:.0%}); on a workload with fewer "
             f"paraphrased repeats it is not.")
@@ -280,11 +285,13 @@ def to_markdown(res: dict[str, Any]) -> str:
     ]
     if c:
         lines += [
-            f"**Recommended default threshold: {c['threshold']:g}**, the lowest on the grid whose false-hit rate with "
+            f"**Recommended default threshold: {_thr(c['threshold'])}**, the lowest on the grid whose "
+            f"false-hit rate with "
             f"guards is at most {s['false_hit_bound']:.0%} on this set: paraphrase hit rate "
             f"**{c['hit_rate_guarded']:.1%}**, "
             f"false-hit rate {c['false_hit_rate_guarded']:.1%} ({c['false_hits_guarded']} of {near} near-misses). "
-            + (f"Without the guards the embedding alone needs {ce['threshold']:g} for the same bound and then serves "
+            + (f"Without the guards the embedding alone needs {_thr(ce['threshold'])} for the same bound "
+               f"and then serves "
                f"{ce['hit_rate_embedding']:.1%} of paraphrases." if ce else
                "Without the guards no threshold on the grid meets the bound.")
             + f" The library's DEFAULT_THRESHOLD at this run was {s['library_default_threshold']:.2f}: hit rate "
@@ -320,7 +327,7 @@ def to_markdown(res: dict[str, Any]) -> str:
               "earlier question (with the set's paraphrases as the model of how people rephrase), the hit rate "
               "rises by share x paraphrase hit rate:", "",
               "| paraphrased repeats, share of requests | exact-match cache serves | semantic cache serves "
-              f"(threshold {c['threshold']:g}) |" if c else
+              f"(threshold {_thr(c['threshold'])}) |" if c else
               "| paraphrased repeats, share of requests | exact-match cache serves | semantic cache serves |",
               "|---:|---:|---:|"]
     for r in w["rows"]:
@@ -377,11 +384,11 @@ def plot(res: dict[str, Any], path: Path, log: Callable[[str], None] = print) ->
         roc.plot(xs, ys, style, ms=4, label=label)
         for r, x, y in zip(table, xs, ys, strict=True):
             if round(r["threshold"] * 100) % 10 == 0:
-                roc.annotate(f"{r['threshold']:g}", (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+                roc.annotate(f"{_thr(r['threshold'])}", (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
     roc.axvline(100 * FALSE_HIT_BOUND, color="red", lw=0.8, ls=":", label="1% false hits")
     if chosen:
         roc.scatter([100 * chosen["false_hit_rate_guarded"]], [100 * chosen["hit_rate_guarded"]], s=120,
-                    facecolors="none", edgecolors="red", zorder=5, label=f"chosen {chosen['threshold']:g}")
+                    facecolors="none", edgecolors="red", zorder=5, label=f"chosen {_thr(chosen['threshold'])}")
     roc.set_xlabel("near-miss false-hit rate (%)")
     roc.set_ylabel("paraphrase hit rate (%)")
     roc.set_title("hit rate vs false-hit rate, one point per threshold")

@@ -54,7 +54,8 @@ def render(out_dir: Path) -> str:
     reports = {w: _load(out_dir, w) for w in WORKLOADS}
     lines = ["# Benchmark results", "",
              "Produced by `make bench` (`promptstash bench prefix | tiers | rag | chat | system-prompt | trace | "
-             "rag --modules | modules | perplexity | peers | summary`) on a 2-core x86_64 CPU without a GPU: the "
+             "rag --modules | modules | perplexity | peers | semantic | summary`) on a 2-core x86_64 CPU without a "
+             "GPU: the "
              "default model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF dequantized), float32, torch 2.13.0 CPU. "
              "Every workload measures caching on and off in the same run (off: the same weights with prefix "
              "caching disabled).", ""]
@@ -117,7 +118,7 @@ def render(out_dir: Path) -> str:
             lines.append(f"| {row['case']} | {row['free_tok_s']:.1f} | {row['constrained_tok_s']:.1f} | {share:.3%} | "
                          f"{'yes' if row['valid'] else 'no'} |")
         lines += ["", "Compile times and llguidance vs xgrammar schema coverage: [grammar.md](grammar.md).", ""]
-    lines += peers_section(out_dir) + perplexity_section(out_dir)
+    lines += peers_section(out_dir) + perplexity_section(out_dir) + semantic_section(out_dir)
     lines += ["Other results: [prefix caching vs transformers](prefix.md), [tiers](tiers.md), [modules: quality and "
               "speed of every repair strategy](modules.md), [rag with modules](workload-rag-modules.md).", ""]
     return "\n".join(lines)
@@ -191,6 +192,25 @@ def perplexity_section(out_dir: Path) -> list[str]:
         ratio = "" if b["ratio"] is None else f" (ratio {b['ratio']:.4f})"
         lines.append(f"- {b['bound']}: {verdict}{ratio}")
     lines += ["", "Details: [perplexity.md](perplexity.md).", ""]
+    return lines
+
+
+def semantic_section(out_dir: Path) -> list[str]:
+    """`bench semantic`: the semantic cache's hit rate on paraphrases at the threshold keeping false hits <= 1%."""
+    res = _load_json(out_dir / "semantic.json")
+    if res is None:
+        return []
+    from promptstash.bench import semantic
+
+    s, c = res["setup"], res.get("chosen")
+    lines = ["## Semantic cache: hits and false hits (`bench semantic`)", "",
+             f"{s['pairs']} hand-written pairs over {s['question_texts']} MT-Bench question texts: true paraphrases "
+             "and near-misses (negation, number, entity, unit, comparison).", ""]
+    if c:
+        lines.append(f"Lowest threshold with false hits <= {s['false_hit_bound']:.0%}: **{c['threshold']:.3g}**, "
+                     f"paraphrase hit rate {c['hit_rate_guarded']:.1%}, false-hit rate "
+                     f"{c['false_hit_rate_guarded']:.1%}.")
+    lines += ["", semantic.verdict(res), "", "Details: [semantic.md](semantic.md).", ""]
     return lines
 
 
