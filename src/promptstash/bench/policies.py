@@ -38,6 +38,7 @@ import numpy as np
 
 from promptstash.bench.report import percentile
 from promptstash.bench.workloads import _block_tokens, _data_file, _trace_rows, trace_token_range
+from promptstash.cache.eviction import EvictionConfig
 from promptstash.cache.hashing import extend_hashes, root_hash
 from promptstash.cache.manager import CacheManager
 from promptstash.engine.request import Request, RequestStatus, StopChecker
@@ -295,11 +296,9 @@ class CostModel:
         return model
 
 
-def fit_cost_model(samples: Sequence[tuple[Sequence[tuple[int, int]], float]]) -> CostModel:
-    """Least squares on (chunks, seconds) samples, rows weighted by 1/seconds (relative error counts, so short
-    decode steps weigh as much as long prefills); a term fitted negative is dropped and the rest refitted."""
-    x = np.array([step_features(c) for c, _ in samples])
-    y = np.array([s for _, s in samples])
+def _lstsq(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Least squares with rows weighted by 1/y (relative error counts, so short decode steps weigh as much as
+    long prefills); a term fitted negative is dropped and the rest refitted."""
     w = 1.0 / np.maximum(y, 1e-6)
     active = [j for j in range(len(FEATURES)) if x[:, j].any()]
     while True:
@@ -311,11 +310,33 @@ def fit_cost_model(samples: Sequence[tuple[Sequence[tuple[int, int]], float]]) -
     coef = dict.fromkeys(FEATURES, 0.0)
     for a, c in zip(active, sol, strict=True):
         coef[FEATURES[a]] = float(c)
+    return coef
+
+
+def fit_cost_model(samples: Sequence[tuple[Sequence[tuple[int, int]], float]]) -> CostModel:
+    """Fit a CostModel to (chunks, seconds) samples (_lstsq); steps the first fit misses by more than 3x its
+    median relative error (and 25%) are dropped as outliers (a CPU shared with other work) and the rest refitted.
+    The fit figures cover the kept steps; `outliers` counts the dropped ones."""
+    x = np.array([step_features(c) for c, _ in samples])
+    y = np.array([s for _, s in samples])
+    keep = np.ones(len(y), dtype=bool)
+    for _ in range(2):
+        coef = _lstsq(x[keep], y[keep])
+        rel = np.abs(x @ np.array([coef[f] for f in FEATURES]) - y) / y
+        bound = max(0.25, 3 * float(np.median(rel[keep])))
+        new = rel <= bound
+        if new.sum() < len(FEATURES) + 2 or (new == keep).all():
+            break
+        keep = new
+    coef = _lstsq(x[keep], y[keep])
     model = CostModel(coef, "fitted")
+    samples = [s for s, k in zip(samples, keep, strict=True) if k]
+    y = y[keep]
     pred = np.array([model.step_time(c) for c, _ in samples])
     rel = np.abs(pred - y) / y
     ss = float(((y - y.mean()) ** 2).sum())
-    model.fit = {"num_steps": len(samples), "r2": 1 - float(((pred - y) ** 2).sum()) / ss if ss else 1.0,
+    model.fit = {"num_steps": len(samples), "outliers": int((~keep).sum()),
+                 "r2": 1 - float(((pred - y) ** 2).sum()) / ss if ss else 1.0,
                  "median_rel_error": float(np.median(rel)), "p90_rel_error": float(np.percentile(rel, 90)),
                  "total_measured_s": float(y.sum()), "total_predicted_s": float(pred.sum())}
     return model
@@ -363,14 +384,15 @@ def measure_cost_model(engine: Any, seed: int = 0, log: Callable[[str], None] = 
         return [engine.add_request(p, params, namespace=ns) for p in prompts]
 
     start = time.perf_counter()
-    timed_until_done(submit([tokens(64)], 2, "cm-warmup"))
-    samples.clear()  # first-call costs
+    timed_until_done(submit([tokens(512)], 4, "cm-warmup"))  # first-call costs of each shape: not sampled
+    timed_until_done(submit([tokens(64) for _ in range(4)], 4, "cm-warmup"))
+    samples.clear()
     for depth in (0, 1024, 2048):
         ns = f"cm-depth-{depth}-{rng.random()}"
         prefix = tokens(depth)
         if depth:
             timed_until_done(submit([prefix], 0, ns))
-        for n in (64, 256, 512):
+        for n in (64, 256, 512, 64, 256, 512):
             timed_until_done(submit([prefix + tokens(n)], 1, ns))
         log(f"[cost model] prefill after {depth} cached tokens: {len(samples)} steps timed")
     for batch, depth in ((1, 256), (4, 256), (16, 256), (4, 2048)):
@@ -381,6 +403,8 @@ def measure_cost_model(engine: Any, seed: int = 0, log: Callable[[str], None] = 
         timed_until_done(submit([prefix + tokens(32) for _ in range(batch)], 8, ns))
         log(f"[cost model] decode batch {batch} at {depth} tokens: {len(samples)} steps timed")
     model = fit_cost_model(samples)
+    log(f"[cost model] {len(samples)} steps in {time.perf_counter() - start:.0f} s, {model.fit['outliers']} dropped "
+        f"as outliers; R² {model.fit['r2']:.3f}, median error {model.fit['median_rel_error']:.1%}")
     model.source = (f"measured on {engine.model_id} ({platform.machine()}, {engine.config.dtype} activations) in "
                     f"{time.perf_counter() - start:.0f} s")
     model.fit["samples"] = [{"chunks": c, "seconds": s} for c, s in samples]
@@ -403,29 +427,15 @@ class _NoText:
 
 def make_cache(num_blocks: int, eviction: str, clock: Callable[[], float], ttft_slo_s: float,
                prefill_rate: float) -> CacheManager:
-    """A CacheManager with the given eviction policy; tlru gets the SLO and the cost model's prefill speed."""
-    if eviction == "lru" and not _has_eviction():
-        return CacheManager(num_blocks, BLOCK_SIZE, MODEL_ID, KV_LAYOUT, True, clock=clock)
-    from promptstash.cache.eviction import EvictionConfig
-
+    """A CacheManager with the given eviction policy (tlru: the SLO, and the cost model's prefill speed until
+    the replay's steps update it, as the engine's measured speed does)."""
     config = EvictionConfig(policy=eviction, ttft_slo_s=ttft_slo_s, prefill_tokens_per_s=prefill_rate)
-    cache = CacheManager(num_blocks, BLOCK_SIZE, MODEL_ID, KV_LAYOUT, True, clock=clock, eviction=config)
-    cache.set_prefill_rate(prefill_rate)
-    return cache
-
-
-def _has_eviction() -> bool:
-    try:
-        import promptstash.cache.eviction  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return CacheManager(num_blocks, BLOCK_SIZE, MODEL_ID, KV_LAYOUT, True, clock=clock, eviction=config)
 
 
 def make_scheduler(cache: CacheManager, schedule: str, clock: Callable[[], float]) -> Scheduler:
-    if schedule == "fcfs" and not _has_eviction():
-        return Scheduler(cache, MAX_NUM_SEQS, MAX_PREFILL_TOKENS)
-    return Scheduler(cache, MAX_NUM_SEQS, MAX_PREFILL_TOKENS, schedule=schedule, clock=clock)  # type: ignore[call-arg]
+    """The engine's scheduler (lpm's max wait: the engine's default) on the simulated clock."""
+    return Scheduler(cache, MAX_NUM_SEQS, MAX_PREFILL_TOKENS, schedule=schedule, clock=clock)
 
 
 @dataclass
@@ -456,6 +466,7 @@ def replay(wl: SimWorkload, cost: CostModel, num_blocks: int, *, eviction: str =
     index: dict[str, int] = {}
     records: list[ReplayRecord] = []
     steps = busy = 0.0
+    rate: float | None = None
     while True:
         while arrivals and arrivals[0][0] <= clock.now:
             t, i = heapq.heappop(arrivals)
@@ -477,6 +488,10 @@ def replay(wl: SimWorkload, cost: CostModel, num_blocks: int, *, eviction: str =
             break
         dt = cost.step_time(_chunk_pairs(chunks))
         clock.now += dt
+        num_prefill = sum(c.num_tokens for c in chunks if c.num_tokens > 1)
+        if num_prefill >= 64:  # as Engine._note_prefill_rate: tlru's speed, a moving average of prefill steps
+            rate = num_prefill / dt if rate is None else 0.9 * rate + 0.1 * num_prefill / dt
+            cache.set_prefill_rate(rate)
         steps += 1
         busy += dt
         for chunk in chunks:  # as Engine._post_process, without a model
@@ -537,6 +552,13 @@ def pool_blocks(wl: SimWorkload, fraction: float | None) -> int:
     return max(floor, int(info["working_set_blocks"] * fraction))
 
 
+def default_slo(wl: SimWorkload, cost: CostModel) -> float:
+    """The TTFT SLO of a workload: the time its median prompt takes to prefill cold and alone, rounded up to
+    0.5 s (a request should see its first token within what a typical prompt costs without any cache)."""
+    median = int(statistics.median(len(r.prompt) for r in wl.requests))
+    return max(0.5, math.ceil(cost.prefill_time(median) * 2) / 2)
+
+
 def _cell_row(policy: str, eviction: str, schedule: str, pool: str, fraction: float | None,
               res: dict[str, Any]) -> dict[str, Any]:
     return {"policy": policy, "eviction": eviction, "schedule": schedule, "pool": pool, "pool_fraction": fraction,
@@ -548,13 +570,10 @@ def run_workload(wl: SimWorkload, cost: CostModel, *, fractions: Sequence[float]
                  ttft_slo_s: float | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every policy at every pool size (and unbounded) for one workload, with the target check."""
     scale = time_scale_for(wl, cost, load)
-    unbounded = pool_blocks(wl, None)
-    base = replay(wl, cost, unbounded, time_scale=scale, ttft_slo_s=ttft_slo_s or 1.0)
-    if ttft_slo_s is None:  # a TTFT the unbounded cache meets for 95% of requests, rounded up to 0.5 s
-        ttft_slo_s = max(0.5, math.ceil(base["ttft_p95_s"] * 2) / 2)
+    if ttft_slo_s is None:
+        ttft_slo_s = default_slo(wl, cost)
     log(f"[{wl.name}] {len(wl.requests)} requests, working set {wl.info['working_set_blocks']:,} blocks, "
-        f"time scale {scale:.2f}, SLO {ttft_slo_s:g} s; unbounded: hit {base['hit_rate']:.1%}, "
-        f"p90 {base['ttft_p90_s']:.2f} s ({base['replay_wall_s']:.1f} s)")
+        f"optimum hit rate {wl.info['optimum_hit_rate']:.1%}, time scale {scale:.2f}, TTFT SLO {ttft_slo_s:g} s")
     cells = []
     pools = [(f"{f:.0%}", f) for f in fractions] + [("unbounded", None)]
     for label, fraction in pools:
@@ -618,18 +637,22 @@ def recommend(workloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- validation on the real model ------------------------------------------------------------------------------
-def validate(engine: Any, cost: CostModel, num_requests: int = 24, load: float = 0.7, fraction: float = 0.25,
-             max_input: int = 12000, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Replay a few Mooncake requests (recurring prefix groups, at most max_input tokens at full scale) on the real
-    engine, wall clock, at `load` with a pool of `fraction` of their working set, and the same in the simulator;
-    returns predicted vs measured TTFT p50 / p90 and total time."""
+def validate(engine: Any, cost: CostModel, num_requests: int = 40, load: float = 0.9, fraction: float = 0.25,
+             max_prompt: int = 512, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Replay the first num_requests Mooncake requests of recurring prefix groups (1/16 scale, prompts cut to
+    max_prompt tokens, which keeps their prefix structure) on the real engine, wall clock, one every interval
+    (the cost model's prefill time of their uncached tokens at the optimum, per request, / load), with a pool of
+    `fraction` of their working set; and the same in the simulator. Returns predicted vs measured TTFT p50 / p90,
+    total time and hit rate."""
     from promptstash.engine.engine import Engine
 
     wl = build_mooncake(4 * num_requests, grouped=True)
-    reqs = [r for r in wl.requests if len(r.prompt) <= max_input // TRACE_SCALE][:num_requests]
-    gap = statistics.fmean(cost.prefill_time(len(r.prompt)) for r in reqs) / load
+    reqs = [dataclasses.replace(r, prompt=r.prompt[:max_prompt]) for r in wl.requests[:num_requests]]
+    figures = workload_figures(reqs)
+    work = sum(cost.prefill_time(len(r.prompt)) for r in reqs) * (1 - figures["optimum_hit_rate"])
+    gap = work / len(reqs) / load
     reqs = [dataclasses.replace(r, arrival_s=k * gap) for k, r in enumerate(reqs)]
-    vwl = SimWorkload("validation", "", reqs, workload_figures(reqs))
+    vwl = SimWorkload("validation", "", reqs, figures)
     nb = pool_blocks(vwl, fraction)
     pred = replay(vwl, cost, nb)
     config = dataclasses.replace(engine.config, num_blocks=nb, kv_disk_dir=None, redis_url=None)
