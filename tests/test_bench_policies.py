@@ -89,7 +89,13 @@ def test_report_lists_every_policy_and_pool(mooncake, cost, tmp_path):
     w = P.run_workload(mooncake, cost, fractions=fractions, log=lambda m: None)
     res = {"setup": {"date": "today", "block_size": P.BLOCK_SIZE, "max_num_seqs": P.MAX_NUM_SEQS,
                      "max_prefill_tokens": P.MAX_PREFILL_TOKENS, "load": 0.8, "wall_s": 1.0},
-           "cost_model": cost.to_dict(), "validation": None, "workloads": [w], "recommendation": P.recommend([w])}
+           "cost_model": cost.to_dict(), "workloads": [w], "recommendation": P.recommend([w]),
+           "validation": {"num_requests": 40, "prompt_tokens": 1000, "interval_s": 1.0, "num_blocks": 200,
+                          "measured": dict.fromkeys(("ttft_p50_s", "ttft_p90_s", "total_s", "hit_rate"), 1.0),
+                          "predicted": dict.fromkeys(("ttft_p50_s", "ttft_p90_s", "total_s", "hit_rate"), 0.9),
+                          "relative_error": dict.fromkeys(("ttft_p50_s", "ttft_p90_s", "total_s", "hit_rate"), -0.1),
+                          "steps": {"num_steps": 9, "measured_s": 9.0, "cost_model_s": 8.0, "ratio_p10": 1.0,
+                                    "ratio_p50": 1.1, "ratio_p90": 1.2}, "load_average": [1.0, 1.5]}}
     pools = ["5%", "25%", "unbounded"]
     assert {(c["policy"], c["pool"]) for c in w["cells"]} == {(p, q) for p, _, _ in P.POLICIES for q in pools}
     for c in w["cells"]:
@@ -102,6 +108,6 @@ def test_report_lists_every_policy_and_pool(mooncake, cost, tmp_path):
     for name, _, _ in P.POLICIES:
         for pool in pools:
             assert f"| {pool} | {name} |" in md
-    assert "defaults: eviction=" in md
+    assert "defaults: eviction=" in md and "| TTFT p90 (s) | 1.00 | 0.90 | -10.0% |" in md
     js, md_path = P.write(res, tmp_path, log=lambda m: None)
     assert json.loads(js.read_text())["workloads"][0]["cells"] and md_path.read_text() == md

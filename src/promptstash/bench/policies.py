@@ -24,6 +24,7 @@ import hashlib
 import heapq
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -342,6 +343,27 @@ def fit_cost_model(samples: Sequence[tuple[Sequence[tuple[int, int]], float]]) -
     return model
 
 
+def timed_step(engine: Any) -> tuple[list[tuple[int, int]], float]:
+    """Run one engine step; returns its chunks as (start, num_tokens) and its wall seconds."""
+    sched = engine.scheduler
+    seen: list[ScheduledChunk] = []
+    original = sched.schedule
+
+    def spy() -> list[ScheduledChunk]:
+        chunks = original()
+        seen.extend(chunks)
+        return chunks
+
+    sched.schedule = spy
+    try:
+        t = time.perf_counter()
+        engine.run_step()
+        dt = time.perf_counter() - t
+    finally:
+        del sched.schedule
+    return _chunk_pairs(seen), dt
+
+
 def measure_cost_model(engine: Any, seed: int = 0, log: Callable[[str], None] = print) -> CostModel:
     """Time real engine steps and fit a CostModel: prefill chunks of 64 / 256 / 512 tokens after 0, 1024 and
     2048 cached tokens, decode batches of 1, 4 and 16 short sequences and 4 long ones (every step is timed,
@@ -354,28 +376,13 @@ def measure_cost_model(engine: Any, seed: int = 0, log: Callable[[str], None] = 
         return [rng.randrange(low, high) for _ in range(n)]
 
     samples: list[tuple[list[tuple[int, int]], float]] = []
-    sched = engine.scheduler
 
     def timed_until_done(ids: Sequence[str]) -> None:
         pending = set(ids)
         while pending & engine.unfinished_ids():
-            seen: list[ScheduledChunk] = []
-            original = sched.schedule
-
-            def spy(original=original, seen=seen) -> list[ScheduledChunk]:
-                chunks = original()
-                seen.extend(chunks)
-                return chunks
-
-            sched.schedule = spy
-            try:
-                t = time.perf_counter()
-                engine.run_step()
-                dt = time.perf_counter() - t
-            finally:
-                del sched.schedule
-            if seen:
-                samples.append((_chunk_pairs(seen), dt))
+            pairs, dt = timed_step(engine)
+            if pairs:
+                samples.append((pairs, dt))
         for rid in ids:
             engine.completion(rid)
 
@@ -659,6 +666,8 @@ def validate(engine: Any, cost: CostModel, num_requests: int = 40, load: float =
     real = Engine(engine.model, engine.tokenizer, config, engine.model_id)
     log(f"[validate] {len(reqs)} requests on the real engine, pool {nb} blocks, one every {gap:.2f} s "
         f"(predicted span {pred['sim_span_s']:.0f} s)")
+    load_before = os.getloadavg()[0]
+    steps: list[tuple[list[tuple[int, int]], float]] = []
     t0 = time.perf_counter()
     added: dict[str, tuple[int, float]] = {}
     k = 0
@@ -669,9 +678,16 @@ def validate(engine: Any, cost: CostModel, num_requests: int = 40, load: float =
             rid = real.add_request(list(reqs[k].prompt), params, namespace="validate")
             added[rid] = (k, time.perf_counter() - t0 - reqs[k].arrival_s)
             k += 1
-        if not real.run_step().num_scheduled and k < len(reqs):
+        pairs, dt = timed_step(real)
+        if pairs:
+            steps.append((pairs, dt))
+        elif k < len(reqs):
             time.sleep(max(0.0, min(0.01, reqs[k].arrival_s - (time.perf_counter() - t0))))
     total = time.perf_counter() - t0
+    load_after = os.getloadavg()[0]
+    step_measured = sum(dt for _, dt in steps)
+    step_predicted = sum(cost.step_time(p) for p, _ in steps)
+    ratios = sorted(dt / max(cost.step_time(p), 1e-9) for p, dt in steps)
     real.check_integrity()
     ttft = [0.0] * len(reqs)
     cached = 0
@@ -687,8 +703,15 @@ def validate(engine: Any, cost: CostModel, num_requests: int = 40, load: float =
     log(f"[validate] measured p50 {measured['ttft_p50_s']:.2f} p90 {measured['ttft_p90_s']:.2f} total "
         f"{total:.1f} s; predicted p50 {predicted['ttft_p50_s']:.2f} p90 {predicted['ttft_p90_s']:.2f} total "
         f"{predicted['total_s']:.1f} s")
+    log(f"[validate] the real steps: {step_measured:.1f} s measured vs {step_predicted:.1f} s the cost model gives "
+        f"for the same {len(steps)} steps (median step ratio {percentile(ratios, 50):.2f}); load average "
+        f"{load_before:.1f} before, {load_after:.1f} after")
     return {"num_requests": len(reqs), "num_blocks": nb, "interval_s": gap, "prompt_tokens": vwl.info["prompt_tokens"],
             "measured": measured, "predicted": predicted, "relative_error": error,
+            "steps": {"num_steps": len(steps), "measured_s": step_measured, "cost_model_s": step_predicted,
+                      "ratio_p10": percentile(ratios, 10), "ratio_p50": percentile(ratios, 50),
+                      "ratio_p90": percentile(ratios, 90)},
+            "load_average": [load_before, load_after],
             "per_request": [{"measured_ttft_s": m, "predicted_ttft_s": p.ttft_s}
                             for m, p in zip(ttft, pred["records"], strict=True)]}
 
@@ -737,7 +760,8 @@ def run(*, workloads: Sequence[str] = WORKLOAD_NAMES, fractions: Sequence[float]
                                     log=log))
     rec = recommend(results)
     log(f"defaults: eviction={rec['eviction']}, schedule={rec['schedule']}")
-    return {"setup": {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "block_size": BLOCK_SIZE,
+    return {"setup": {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
+                      "block_size": BLOCK_SIZE,
                       "max_num_seqs": MAX_NUM_SEQS, "max_prefill_tokens": MAX_PREFILL_TOKENS, "load": load,
                       "fractions": list(fractions), "policies": [list(p) for p in policies], "quick": quick,
                       "model": engine.model_id if engine is not None else None, "wall_s": time.perf_counter() - start},
@@ -758,7 +782,13 @@ def to_markdown(res: dict[str, Any]) -> str:
              f"Arrivals are stretched so that computing every prompt cold would keep the engine {s['load']:.0%} busy "
              "(no pool overloads it). Pools are fractions of each trace's working set (unique blocks computed); "
              "`unbounded` holds everything (its hit rate is the unbounded-cache optimum). Policies: eviction "
-             "(`lru`, `tlru`, `cost`) + admission order (`fcfs`, `lpm` = longest cached prefix first).", "",
+             "(`lru`, `tlru`, `cost`) + admission order (`fcfs`, `lpm` = longest cached prefix first, a request "
+             "waiting over 10 s first: the engine's default). tlru's TTFT target is the trace's SLO and its prefill "
+             "speed a moving average of the replayed prefill steps, as the engine measures it; its next-turn size "
+             "is measured (the policy's default); cost runs with its defaults. The SLO of a trace is the time its "
+             "median prompt takes to prefill cold and alone (cost model), rounded up to 0.5 s. Hit rate = cached / "
+             "prompt tokens at first admission; TTFT from arrival to the first output token (queueing included).",
+             "",
              f"Cost model ({cm['source']}): step seconds = "
              + " + ".join(f"{v:.3g} x {k}" for k, v in cm["coef"].items() if v) + "."
              + (f" Fit over {cm['fit']['num_steps']} timed steps: R² {cm['fit']['r2']:.3f}, median error "
@@ -775,6 +805,15 @@ def to_markdown(res: dict[str, Any]) -> str:
                           ("hit_rate", "hit rate")):
             fmt = _pct if key == "hit_rate" else (lambda x: f"{x:.2f}")
             lines.append(f"| {name} | {fmt(m[key])} | {fmt(p[key])} | {_pct(e[key], True)} |")
+        st = v.get("steps")
+        if st:
+            la = v["load_average"]
+            lines += ["", f"Step by step, the {st['num_steps']} real steps took {st['measured_s']:.1f} s where the "
+                      f"cost model gives {st['cost_model_s']:.1f} s for the same chunks (real / model per step: p10 "
+                      f"{st['ratio_p10']:.2f}, median {st['ratio_p50']:.2f}, p90 {st['ratio_p90']:.2f}); the machine's "
+                      f"1-minute load average was {la[0]:.1f} before and {la[1]:.1f} after, on "
+                      f"{s.get('cpus')} cores shared with other work. A TTFT error beyond the step error is the "
+                      "queue: once the real engine falls behind, every later request waits longer."]
         lines.append("")
     for w in res["workloads"]:
         info = w["info"]
