@@ -32,19 +32,22 @@ NEAR_MISSES = {
     "unit": ("How long is 10 seconds?", "How long is 10 minutes?"),
     "comparison": ("Return the largest element of the list", "Return the smallest element of the list"),
     "entity": ("Is Paris the capital of France?", "Is Berlin the capital of France?"),
+    "slot": ("Which sort has better time complexity?", "Which sort has better space complexity?"),
 }
 PARAPHRASES = {
     "code": ("What does `map` do in Python?", "Explain what \"map\" does in python"),
     "negation": ("Why doesn't it compile?", "Why won't it compile?"),
-    "number": ("Give me five tips for sleep", "Give me 5 tips for better sleep"),
-    "unit": ("Convert 3 km to miles", "How many miles are 3 kilometres?"),
-    "comparison": ("Which is faster, A or B?", "Which one is quicker: A or B?"),
+    "number": ("Give me five tips for better sleep", "Can you give me 5 tips for sleeping better?"),
+    "unit": ("How many miles are 3 km?", "How many miles is 3 kilometres?"),
+    "comparison": ("Which is faster, A or B?", "Between A and B, which one runs faster?"),
     "entity": ("How do I reverse a list in Python?", "What is the way to reverse a python list?"),
+    "slot": ("Which algorithm has better time complexity for sorting?",
+             "For sorting, which algorithm has the better time complexity?"),
 }
 
 
-def test_guards_are_the_documented_six():
-    assert GUARDS == ("code", "negation", "number", "unit", "comparison", "entity")
+def test_guards_are_the_documented_seven():
+    assert GUARDS == ("code", "negation", "number", "unit", "comparison", "entity", "slot")
     assert set(NEAR_MISSES) == set(GUARDS) == set(PARAPHRASES)
 
 
@@ -67,6 +70,75 @@ def test_guards_tolerate_case_punctuation_and_number_spelling():
     assert refusal("Sort the list", "Please sort the list") is None
     assert refusal("Price in $", "Price in \u20ac") == "unit"
     assert refusal("What happened before the war?", "What happened after the war?") == "comparison"
+
+
+@pytest.mark.parametrize("earlier, later", [
+    ("what are the etiquette norms for doing business in japan?",  # lower case: no entity to see
+     "what are the etiquette norms for doing business in brazil?"),
+    ("Which sort has better time complexity?", "Which sort has better space complexity?"),
+    ("Find the majority element in the array.", "Find the least frequent element in the array."),
+    ("Write a poem about the sea. Make it rhyme.", "Write a poem about the desert. Make it rhyme."),
+    ("Explain how a binary tree works.", "Explain how a binary search tree works."),  # a content word added
+    ("Is x < 10?", "Is x <= 10?"),
+])
+def test_slot_refuses_a_template_with_another_filler(earlier, later):
+    assert refusal(earlier, later) == "slot"
+    assert refusal(later, earlier) == "slot"
+
+
+@pytest.mark.parametrize("earlier, later", [
+    # a wide rewording: many hunks, not one template with another filler
+    ("Write a persuasive email to convince my introverted friend to volunteer as a guest speaker.",
+     "Help me draft an email that persuades a shy friend of mine to agree to be a guest speaker at an event."),
+    # function words only
+    ("What about when the list is empty?", "And what if the list is empty?"),
+    ("Sort the list", "Please sort the list"),
+    # spelling variants, inflections and the generic equivalences
+    ("Analyze the colour of the responses.", "Analyse the color of the response."),
+    ("Rewrite your previous response as a limerick.", "Rephrase your last answer as a limerick."),
+])
+def test_slot_accepts_rewordings_function_words_and_spelling(earlier, later):
+    assert refusal(earlier, later) is None
+    assert refusal(later, earlier) is None
+
+
+@pytest.mark.parametrize("earlier, later", [
+    ("Prove the Pythagorean theorem.", "Give a proof of the Pythagorean theorem."),  # sentence-initial word
+    ("Analyze these reviews of the Pixel phone.", "Please analyse these reviews of the Pixel phone."),
+    ("Compare the antitrust laws in the US and China.", "Compare US and Chinese antitrust laws."),  # China/Chinese
+    ("A is the father of B. Who is C?", "B's father is A. Who is C?"),  # possessive
+    ("Summarize it. Then Translate it.", "Summarize it and translate it."),  # capitalised, also written lower case
+])
+def test_entity_ignores_sentence_initial_capitals_spelling_and_inflection(earlier, later):
+    # NOTE: some of these reword enough that the slot guard may still refuse them; the entity guard must not.
+    assert refusal(earlier, later) != "entity"
+    assert refusal(later, earlier) != "entity"
+
+
+def test_entity_still_refuses_another_name():
+    assert refusal("Plan a trip to Hawaii with my kids.", "Plan a family trip to Iceland.") == "entity"
+    assert refusal("Tell me about Hawaii.", "Tell me about Iceland.") == "entity"
+
+
+def test_comparison_ignores_turn_order_words():
+    assert refusal("Rewrite your previous response in French.", "Rewrite your last answer in French.") is None
+    assert refusal("Read the files under a directory and return the most common words.",
+                   "Return the most common words of the files in a directory.") is None
+    assert refusal("List the colours from lightest to darkest, ascending.",
+                   "List the colours from lightest to darkest, descending.") == "comparison"
+
+
+def test_guards_are_fast():
+    import time
+
+    long_text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 40)
+    pairs = [(long_text, long_text.replace("river", "lake", 1)), *NEAR_MISSES.values(), *PARAPHRASES.values()]
+    start = time.perf_counter()
+    for _ in range(20):
+        for a, b in pairs:
+            refusal(a, b)
+    per_pair = (time.perf_counter() - start) / (20 * len(pairs))
+    assert per_pair < 0.005  # well under 1 ms per pair on an idle core; loose for a shared CI machine
 
 
 # -- tier records ------------------------------------------------------------------------------------------------

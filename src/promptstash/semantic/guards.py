@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from difflib import SequenceMatcher
 
-GUARDS: tuple[str, ...] = ("code", "negation", "number", "unit", "comparison", "entity")
+GUARDS: tuple[str, ...] = ("code", "negation", "number", "unit", "comparison", "entity", "slot")
 
 # --- text normalisation -------------------------------------------------------------------------------------
 
@@ -254,15 +255,15 @@ def _units(tokens: list[str]) -> frozenset[str]:
 _COMPARISONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "magnitude": (
         ("more", "most", "larger", "largest", "bigger", "biggest", "greater", "greatest", "higher", "highest",
-         "max", "maximum", "maximal", "maximise", "maximize", "above", "exceeds", "exceed", "upper", "uppercase",
+         "max", "maximum", "maximal", "maximise", "maximize", "exceeds", "exceed", "upper", "uppercase",
          "increase", "increases", "increasing", "increment", "heavier", "taller", "wider", "deeper", ">", ">="),
         ("less", "least", "fewer", "fewest", "smaller", "smallest", "lesser", "lower", "lowest", "min", "minimum",
-         "minimal", "minimise", "minimize", "below", "under", "lowercase", "decrease", "decreases", "decreasing",
+         "minimal", "minimise", "minimize", "lowercase", "decrease", "decreases", "decreasing",
          "decrement", "lighter", "shorter", "narrower", "shallower", "<", "<="),
     ),
     "time": (
-        ("before", "earlier", "earliest", "older", "oldest", "previous", "prior", "first", "past", "since"),
-        ("after", "later", "latest", "newer", "newest", "next", "following", "last", "future", "until"),
+        ("before", "earliest", "older", "oldest"),
+        ("after", "latest", "newer", "newest"),
     ),
     "speed": (("faster", "fastest", "quicker", "quickest"), ("slower", "slowest")),
     "quality": (("better", "best", "improve", "improves"), ("worse", "worst", "degrade", "degrades")),
@@ -310,23 +311,96 @@ _COMMON = frozenset(
     """.split()
 )
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:['-][A-Za-z0-9]+)*")
-_SENTENCE_END = re.compile(r"[.!?:;\n]\s*$")
+# NOTE: what may stand between a sentence boundary (or the start) and a sentence's first word: spaces, quotes,
+# brackets, bullets, list numbers ("1.", "2)", "(a)").
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;\n])[\s\"'(\[{*#>\u2013\u2014-]*(?:(?:\d+|[a-z])[.)]\s*)?$")
+
+
+# --- spelling and stems -------------------------------------------------------------------------------------
+
+# British -> American spellings that the suffix rules below do not cover (generic; none is specific to a prompt).
+_SPELLING = {
+    "programme": "program", "programmes": "programs", "grey": "gray", "aluminium": "aluminum", "cheque": "check",
+    "tyre": "tire", "tyres": "tires", "plough": "plow", "sceptical": "skeptical", "mould": "mold",
+    "jewellery": "jewelry", "defence": "defense", "offence": "offense", "licence": "license", "practise": "practice",
+    "ageing": "aging", "judgement": "judgment", "enrol": "enroll", "fulfil": "fulfill", "learnt": "learned",
+    "spelt": "spelled", "maths": "math", "whilst": "while", "amongst": "among", "towards": "toward",
+}
+_BRITISH = (
+    (re.compile(r"(?<=\w\w)is(e|ed|es|ing|ation|ations|er|ers)$"), r"iz\1"),  # organise(d), organisation
+    (re.compile(r"(?<=\w)ys(e|ed|es|ing)$"), r"yz\1"),  # analyse, paralyse
+    (re.compile(r"(?<=\w\w\w)our(s|ed|ing|ite|ites|able|ful)?$"), r"or\1"),  # colour, favourite, behaviour
+    (re.compile(r"(?<=[^aeiou])tre(s)?$"), r"ter\1"),  # centre, metre, theatre
+    (re.compile(r"(?<=\w\w)ogue(s)?$"), r"og\1"),  # catalogue, dialogue
+    (re.compile(r"(?<=\w\w\w\w)ell(ed|er|ers|ing)$"), r"el\1"),  # travelled, modelling, labelled
+)
+_SUFFIXES = ("ations", "ation", "ences", "ence", "ances", "ance", "ments", "ment", "ness", "ities", "ity", "ions",
+             "ion", "ingly", "edly", "ings", "ing", "ies", "ied", "ers", "er", "ed", "es", "s", "ly", "e")
+
+
+def _spelling(word: str) -> str:
+    """American spelling of a lower-case word (analyse -> analyze, colour -> color); other words unchanged."""
+    word = _SPELLING.get(word, word)
+    for pattern, repl in _BRITISH:
+        word = pattern.sub(repl, word)
+    return word
+
+
+def _stem(word: str) -> str:
+    """A crude stem of a lower-case word (American spelling, possessive and one inflectional suffix dropped):
+    responses / response -> respons, analysed / analyzes -> analyz. Used only to test two words for sameness."""
+    word = _spelling(word.removesuffix("'s").rstrip("'"))
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)] + ("y" if suffix in ("ies", "ied") else "")
+    return word
+
+
+def _same_name(a: str, b: str) -> bool:
+    """Two lower-case words name the same thing: equal stems, or one a short extension of the other (China /
+    Chinese, Japan / Japanese, Pythagoras / Pythagorean: a common prefix of at least 4 letters that leaves at
+    most one letter of the shorter word)."""
+    if a == b or _stem(a) == _stem(b):
+        return True
+    shorter = min(len(a), len(b))
+    common = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        common += 1
+    return common >= 4 and common >= shorter - 1
 
 
 def _entities(text: str) -> frozenset[str]:
-    """Lower-cased words that look like names: capitalised and not common, acronyms, CamelCase / mixed case."""
+    """Lower-cased words that look like names: acronyms and CamelCase anywhere; capitalised words that are not
+    common words, except at the start of a sentence (where any word is capitalised: "Prove ...", "Analyse ...")
+    unless the text also capitalises them mid-sentence. A capitalised word the text also writes in lower case
+    is a common word too."""
     found: set[str] = set()
+    initial: set[str] = set()
+    lower_seen: set[str] = set()
     for match in _WORD.finditer(text):
         word = match.group(0)
+        if word.endswith(("'s", "'S")):
+            word = word[:-2]
         lower = word.lower()
+        if word[0].islower():
+            lower_seen.add(lower)
+            continue
         inner_caps = sum(1 for c in word[1:] if c.isupper())
         if inner_caps and any(c.islower() for c in word) or sum(c.isupper() for c in word) >= 2:
             found.add(lower)  # acronym (HTTP, USA) or CamelCase / mixed case (PyTorch, iPhone, macOS)
             continue
-        if not word[0].isupper() or lower in _COMMON or lower.split("'")[0] in _COMMON:
+        if lower in _COMMON or lower.split("'")[0] in _COMMON or lower.split("-")[0] in _COMMON:
+            continue
+        start = match.start()
+        if _SENTENCE_START.search(text[max(0, start - 24):start] if start > 24 else text[:start]) and (
+            start > 24 or _SENTENCE_START.search(text[:start])
+        ):
+            initial.add(lower)
             continue
         found.add(lower)
-    return frozenset(found)
+    return frozenset(e for e in found if e not in lower_seen)
 
 
 def _words_lower(text: str) -> frozenset[str]:
@@ -339,7 +413,107 @@ def _words_lower(text: str) -> frozenset[str]:
 
 
 def _entity_missing(entities: Iterable[str], other_words: frozenset[str]) -> bool:
-    return any(e not in other_words for e in entities)
+    return any(e not in other_words and not any(_same_name(e, w) for w in other_words) for e in entities)
+
+
+# --- slot fillers (minimal edits) ---------------------------------------------------------------------------
+
+# Function words: a hunk that adds, drops or swaps only these (and politeness) changes the phrasing, not the
+# request ("What about when" -> "And what if"). Lower case, without apostrophes.
+_FUNCTION = frozenset(
+    """
+    a an the this that these those there here it its itself i im ive id me my mine myself we our ours us you
+    youre youve your yours yourself he him his she her hers they them their theirs one ones someone something
+    anything what whats which who whom whose when where why how hows whether whatever is are was were be been
+    being am do does did done doing can could should would will shall may might must have has had having get
+    got if then else so but and or also as at by for from in into of on onto to with within about across
+    through via per over again just only very really quite rather too even still already now then well
+    thus hence therefore however also both each every all any some such same other another more much many
+    few several lot lots please kindly thanks thank hi hello hey ok okay let lets like as
+    way kind sort bit s t m d ll re ve additionally furthermore moreover besides actually basically
+    not no nor never isn aren wasn weren don doesn didn won can couldn wouldn shouldn hasn haven hadn
+    """.split()
+)
+# NOTE: negations are function words here because the negation guard has already compared them.
+# Generic equivalences: words that requests use interchangeably (the reply to an earlier turn, the verb that
+# frames a writing task, "imagine" / "suppose"). A hunk whose content words differ only within one of these
+# groups is not a slot change. Generic on purpose: no entry names a thing a particular prompt is about.
+_EQUIVALENT_GROUPS = (
+    ("response", "answer", "reply", "output"),
+    ("previous", "last", "earlier", "prior", "above"),
+    ("rewrite", "rephrase", "reword", "reformulate", "revise", "rework", "redo"),
+    # the verb that asks for the answer: "write / give / provide / list / return the ..." ask for the same thing
+    ("write", "compose", "draft", "create", "produce", "generate", "craft", "develop", "make", "build", "give",
+     "provide", "offer", "share", "suggest", "propose", "list", "show", "tell", "present", "return", "output"),
+    ("imagine", "suppose", "pretend", "picture", "assume", "consider"),
+    ("use", "utilize", "employ", "apply"),
+    ("choose", "pick", "select"),
+    ("find", "identify", "determine", "figure", "work", "calculate", "compute", "get"),
+    ("help", "assist"),
+    ("key", "main", "major", "primary", "principal", "chief"),
+    ("big", "large"), ("small", "little"), ("begin", "start"), ("end", "finish"),
+)
+_GROUP_OF = {_stem(w): i for i, group in enumerate(_EQUIVALENT_GROUPS) for w in group}
+# Verbs that frame a question as a request ("Explain what X does" = "What does X do?"): no content of their own.
+_FRAME = frozenset(_stem(w) for w in ("explain", "describe", "discuss", "elaborate", "clarify"))
+_SLOT_WORD = re.compile(r"\d+(?:[.,]\d+)*|[a-z]+|[<>]=?|[=!]=|[$\u20ac\u00a3\u00a5%]")
+# A minimal edit: at most this many differing hunks, each at most this many words on either side.
+SLOT_MAX_HUNKS = 2
+SLOT_MAX_WORDS = 6
+
+
+def _slot_words(text: str) -> list[str]:
+    """Lower-case words without punctuation (hyphenated and possessive words split), units in canonical form
+    (km = kilometres), number words as digits ("twenty-five" = 25; "one" stays a word: often a pronoun)."""
+    out: list[str] = []
+    for w in _SLOT_WORD.findall(text.lower()):
+        if w in _UNITS_WORDS and w != "one":
+            if out and out[-1].isdigit() and int(out[-1]) in _TENS_WORDS.values() and _UNITS_WORDS[w] < 10:
+                out[-1] = str(int(out[-1]) + _UNITS_WORDS[w])  # twenty-five
+                continue
+            w = str(_UNITS_WORDS[w])
+        elif w in _TENS_WORDS:
+            w = str(_TENS_WORDS[w])
+        out.append(_UNIT_OF.get(w, w) if len(w) > 2 else w)
+    return out
+
+
+def _content(words: Iterable[str]) -> list[str]:
+    """The content of a hunk: its non-function words, as stems, with equivalent words as one group."""
+    out = []
+    for w in words:
+        if w in _FUNCTION:
+            continue
+        stem = _stem(w)
+        if stem in _FRAME:
+            continue
+        out.append(f"#{_GROUP_OF[stem]}" if stem in _GROUP_OF else stem)
+    return out
+
+
+def _covered(these: list[str], those: list[str]) -> bool:
+    return all(any(w == v or _same_name(w, v) for v in those) for w in these)
+
+
+def _slot_changed(words_a: list[str], words_b: list[str]) -> bool:
+    """True when the two word sequences are one template with a different filler: they differ in at most
+    SLOT_MAX_HUNKS short hunks (SLOT_MAX_WORDS words each), and some hunk adds, drops or swaps a content word
+    (one that is not a function word, nor the same stem, spelling or generic equivalent of a word on the hunk's
+    other side)."""
+    if words_a == words_b:
+        return False
+    # NOTE: the same order of arguments whichever message came first, so the guard is symmetric.
+    if words_a > words_b:
+        words_a, words_b = words_b, words_a
+    matcher = SequenceMatcher(None, words_a, words_b, autojunk=False)
+    hunks = [(words_a[i1:i2], words_b[j1:j2]) for op, i1, i2, j1, j2 in matcher.get_opcodes() if op != "equal"]
+    if len(hunks) > SLOT_MAX_HUNKS or any(max(len(x), len(y)) > SLOT_MAX_WORDS for x, y in hunks):
+        return False  # a wide rewording: not a minimal edit
+    for x, y in hunks:
+        cx, cy = _content(x), _content(y)
+        if not (_covered(cx, cy) and _covered(cy, cx)):
+            return True
+    return False
 
 
 # --- the guard function -------------------------------------------------------------------------------------
@@ -369,6 +543,8 @@ def refusal(earlier: str, later: str) -> str | None:
         _entities(rest_b), _words_lower(rest_a)
     ):
         return "entity"
+    if _slot_changed(_slot_words(rest_a), _slot_words(rest_b)):
+        return "slot"
     return None
 
 
