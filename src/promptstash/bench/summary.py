@@ -119,6 +119,7 @@ def render(out_dir: Path) -> str:
                          f"{'yes' if row['valid'] else 'no'} |")
         lines += ["", "Compile times and llguidance vs xgrammar schema coverage: [grammar.md](grammar.md).", ""]
     lines += peers_section(out_dir) + perplexity_section(out_dir) + semantic_section(out_dir)
+    lines += policies_section(out_dir)
     lines += ["Other results: [prefix caching vs transformers](prefix.md), [tiers](tiers.md), [modules: quality and "
               "speed of every repair strategy](modules.md), [rag with modules](workload-rag-modules.md).", ""]
     return "\n".join(lines)
@@ -211,6 +212,27 @@ def semantic_section(out_dir: Path) -> list[str]:
                      f"paraphrase hit rate {c['hit_rate_guarded']:.1%}, false-hit rate "
                      f"{c['false_hit_rate_guarded']:.1%}.")
     lines += ["", semantic.verdict(res), "", "Details: [semantic.md](semantic.md).", ""]
+    return lines
+
+
+def policies_section(out_dir: Path) -> list[str]:
+    """`bench policies`: the issue's target check per trace and the defaults the numbers favour."""
+    res = _load_json(out_dir / "policies.json")
+    if res is None:
+        return []
+    lines = ["## Eviction policies x pool sizes (`bench policies`)", "",
+             "Traces replayed in simulated time through the real cache manager and scheduler, step times from a "
+             "cost model measured on the real engine. tlru vs lru at the pool size where lru suffers most (target: "
+             "p90 TTFT -20% or better, hit rate at most 2 points lower):", ""]
+    for w in res["workloads"]:
+        t = w["target"]
+        if t.get("measured"):
+            lines.append(f"- {w['name']}, pool {t['pool']}: p90 {t['lru_p90_s']:.2f} s -> {t['tlru_p90_s']:.2f} s "
+                         f"({t['p90_change']:+.1%}), hit rate {t['hit_rate_change_points']:+.1f} points: "
+                         f"{'met' if t['passed'] else 'not met'}")
+    rec = res["recommendation"]
+    lines += ["", f"Defaults from these numbers: eviction={rec['eviction']}, schedule={rec['schedule']}. "
+              "Every cell: [policies.md](policies.md), ![policies](policies.png)", ""]
     return lines
 
 
