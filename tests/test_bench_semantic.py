@@ -139,6 +139,22 @@ def test_run_write_and_plot_on_subset(rows: list[dict], tmp_path) -> None:
     text = md.read_text()
     assert "Recommended default threshold" in text and "+30-40%" in text and "| guard |" in text
     assert (tmp_path / "semantic.png").stat().st_size > 1000
+    # the dev / held-out protocol: both halves scored on the same grid, examples from dev rows only
+    assert set(res["table_by_split"]) == {"dev", "held_out"}
+    assert all(len(t) == len(bs.THRESHOLDS) for t in res["table_by_split"].values())
+    assert set(res["chosen_by_split"]) == {"dev", "held_out"}
+    assert "Protocol against overfitting" in text and "held-out (even ids)" in text
+    ids = {r["id"]: r for r in subset}
+    shown = res["examples"]["false_hits"] + res["examples"]["refused_paraphrases"]
+    assert all(ids[e["id"]]["question_id"] % 2 == 1 for e in shown)
+
+
+def test_split_by_question_id_parity(rows: list[dict]) -> None:
+    assert bs.split_of({"question_id": 81}) == "dev" and bs.split_of({"question_id": 104}) == "held_out"
+    halves = Counter(bs.split_of(r) for r in rows)
+    assert halves["dev"] > 300 and halves["held_out"] > 300
+    # every question text lies wholly in one half
+    assert len({(r["question_id"], bs.split_of(r)) for r in rows}) == len({r["question_id"] for r in rows})
 
 
 def test_report_without_a_threshold_meeting_the_bound(rows: list[dict]) -> None:

@@ -11,9 +11,20 @@ paraphrase keeps and a near-miss changes, and refuses when the two messages' fea
   the same set;
 - ``unit``: the units of measure and currencies (km vs miles, seconds vs minutes, $ vs €) must be the same set;
 - ``comparison``: where both messages use a comparison of one kind (more/less, larger/smaller, before/after,
-  faster/slower, better/worse, ascending/descending, longer/shorter, first/last), they must use the same side;
-- ``entity``: every named entity (capitalised word that is not a common word, acronym, CamelCase) of one
-  message must appear, in any case, as a word of the other.
+  faster/slower, better/worse, ascending/descending, longer/shorter), they must use the same side. Words that
+  mostly name a turn or a place rather than a direction (previous, last, first, next, earlier, above, under)
+  are left to the ``slot`` guard, which sees where they stand;
+- ``entity``: every named entity (acronym, CamelCase, capitalised word that is not a common word and not merely
+  the first word of a sentence) of one message must appear in the other, in any case, spelling (analyse /
+  analyze) or inflection (China / Chinese, B / B's);
+- ``slot``: the two messages must not be one template with a different filler. Their lower-cased word sequences
+  are aligned (difflib); when they differ in at most ``SLOT_MAX_HUNKS`` hunks of at most ``SLOT_MAX_WORDS``
+  words, and some hunk adds, drops or swaps a content word (not a function word, not the same stem, spelling
+  variant or generic equivalent: response / answer / reply), the guard refuses ("... business in Japan?" /
+  "... in Brazil?", "time complexity" / "space complexity"). A wide rewording, or a minimal edit of function
+  words only ("What about when" / "And what if"), passes. It looks at the whole text, so it also catches an
+  edit at the end of a long prompt that the embedding (which reads 256 word pieces) does not see. Its cost:
+  a paraphrase that swaps a single synonym ("doctor" / "physician") is refused.
 
 ``refusal(earlier, later)`` is pure and symmetric (``refusal(a, b) == refusal(b, a)``), case- and
 punctuation-tolerant where paraphrases differ, and returns the first refusing guard in ``GUARDS`` order.
@@ -352,7 +363,11 @@ def _stem(word: str) -> str:
     word = _spelling(word.removesuffix("'s").rstrip("'"))
     for suffix in _SUFFIXES:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            return word[: -len(suffix)] + ("y" if suffix in ("ies", "ied") else "")
+            stem = word[: -len(suffix)] + ("y" if suffix in ("ies", "ied") else "")
+            if suffix in ("ing", "ings", "ed", "er", "ers") and len(stem) >= 4 and stem[-1] == stem[-2] \
+                    and stem[-1] not in "aeiouls":
+                stem = stem[:-1]  # beginning -> begin, stopped -> stop
+            return stem
     return word
 
 
@@ -455,7 +470,7 @@ _EQUIVALENT_GROUPS = (
 )
 _GROUP_OF = {_stem(w): i for i, group in enumerate(_EQUIVALENT_GROUPS) for w in group}
 # Verbs that frame a question as a request ("Explain what X does" = "What does X do?"): no content of their own.
-_FRAME = frozenset(_stem(w) for w in ("explain", "describe", "discuss", "elaborate", "clarify"))
+_FRAME = frozenset(_stem(w) for w in ("explain", "describe", "discuss", "elaborate", "clarify", "outline"))
 _SLOT_WORD = re.compile(r"\d+(?:[.,]\d+)*|[a-z]+|[<>]=?|[=!]=|[$\u20ac\u00a3\u00a5%]")
 # A minimal edit: at most this many differing hunks, each at most this many words on either side.
 SLOT_MAX_HUNKS = 2
