@@ -52,6 +52,7 @@ class RefTLRU(RefLRU):
         super().__init__()
         self.spare = budget_tokens - next_turn_tokens
         self.safe: set[int] = set()
+        self.needed: set[int] = set()  # once outside some sequence's safe tail, never safe until evicted
 
     def order(self) -> list[int]:
         return [b for b in self.queue if b in self.safe] + [b for b in self.queue if b not in self.safe]
@@ -60,15 +61,18 @@ class RefTLRU(RefLRU):
         b = self.order()[0]
         self.queue.remove(b)
         self.safe.discard(b)
+        self.needed.discard(b)
         return b
 
     def note(self, blocks: list[int], seq_len: int) -> None:
         for j, b in enumerate(blocks):
             tokens_kept = j * BS  # keeping blocks [0, j) leaves seq_len - tokens_kept to recompute
-            if seq_len - tokens_kept <= self.spare:
-                self.safe.add(b)
-            else:
+            if seq_len - tokens_kept > self.spare:
+                self.needed.add(b)
+            if b in self.needed:
                 self.safe.discard(b)
+            else:
+                self.safe.add(b)
 
 
 class RefCost(RefLRU):
@@ -222,6 +226,15 @@ def test_tlru_next_turn_is_the_median_uncached_length_of_follow_up_turns() -> No
     for prompt_len, cached in [(120, 100), (150, 120), (260, 200)]:  # follow-ups: 20, 30, 60 new tokens
         policy.note_request(prompt_len, cached)
     assert policy.next_turn_tokens == 30
+
+
+def test_tlru_a_block_some_conversation_needed_is_never_safe_again_until_evicted() -> None:
+    mgr = _manager("tlru", ttft_slo_s=1.0, prefill_tokens_per_s=8.0, next_turn_tokens=0)
+    system = list(range(100, 116))  # 4 blocks shared by two conversations
+    _run(mgr, "long", system + list(range(300, 332)))  # 12 blocks: its first 10 (the system prompt too) needed
+    _run(mgr, "short", system + [7] * 4)  # 5 blocks: all in its safe tail, but the system prompt stays unsafe
+    head = _blocks_of(mgr, system)
+    assert set(head).isdisjoint(mgr.pool.eviction_order()[:4])
 
 
 def test_tlru_a_longer_conversation_sharing_a_safe_block_makes_it_unsafe_again() -> None:
