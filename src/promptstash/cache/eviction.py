@@ -145,8 +145,8 @@ class TailOptimizedLRUPolicy:
     cache (follow-up turns), or of all recent requests before any hit.
     NOTE: a block is safe only while it was in the safe tail of every sequence that closed holding it: once a
     sequence needed it to meet the target (a long conversation's head, a shared system prompt), it stays
-    unsafe until evicted. Measured (`bench policies`, ShareGPT at a 5% pool): letting each closing sequence
-    re-mark its blocks instead lost 2.9 hit-rate points and 11% on p90 TTFT.
+    unsafe until evicted. Measured (`bench policies`, ShareGPT): letting each closing sequence re-mark its
+    blocks instead gave 39.7% / 46.4% token hit rate at 5% / 10% pools, against 41.7% / 49.3% this way.
     """
 
     name = "tlru"
