@@ -322,7 +322,9 @@ def _check_unsupported(body: Body) -> None:
             if reasoning.data.get(name) is not None:
                 raise reasoning.fail(name, "reasoning summaries are not supported: this model does not reason")
     body.str("service_tier", choices=SERVICE_TIERS)
-    body.obj("stream_options")
+    stream_options = body.obj("stream_options")
+    if stream_options is not None:
+        stream_options.bool("include_obfuscation")  # no obfuscation is added either way; only its type is checked
     for name in ("user", "safety_identifier", "prompt_cache_key"):
         body.str(name)
 
