@@ -41,7 +41,14 @@ def engines(weights: str) -> tuple[Engine, Engine]:
     require_default_model()
     if weights not in _ENGINES:
         options = {} if weights == "default" else {"weights": weights}
-        on = Engine.from_pretrained(progress=False, **options)
+        # NOTE: a format already loaded under another name (here "default" is int4) shares its weights: each
+        # load reads the GGUF file for 13-19 s
+        same = next((e for e, _ in _ENGINES.values() if e.model.weight_format == weights), None)
+        if same is not None:
+            config = EngineConfig(dtype=str(same.model.dtype).removeprefix("torch."), weights=weights)
+            on = Engine(same.model, same.tokenizer, config, same.model_id, same.model_path)
+        else:
+            on = Engine.from_pretrained(progress=False, **options)
         off_config = EngineConfig(dtype=str(on.model.dtype).removeprefix("torch."), weights=on.model.weight_format,
                                   enable_prefix_caching=False)
         off = Engine(on.model, on.tokenizer, off_config, on.model_id)

@@ -50,7 +50,7 @@ def get_weather(city: str) -> str:
 
 @pytest.fixture(scope="module")
 def served():
-    on, _ = engines("float32")
+    on, _ = engines("default")  # what `promptstash serve` runs (no float32 exactness is compared here)
     with LiveServer(on, ServerConfig(default_max_tokens=64)) as srv:
         yield srv
 

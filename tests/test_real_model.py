@@ -37,8 +37,8 @@ def test_shared_system_prompt_is_reused_and_greedy_output_is_unchanged(dtype: st
     assert shared >= 1000
 
     on.generate(first, max_tokens=8, namespace=f"sys-{dtype}")
-    hit = on.generate(second, max_tokens=40, namespace=f"sys-{dtype}")
-    ref = off.generate(second, max_tokens=40)
+    hit = on.generate(second, max_tokens=16, namespace=f"sys-{dtype}")
+    ref = off.generate(second, max_tokens=16)
 
     assert hit.usage.cached_tokens >= 0.9 * shared
     assert ref.usage.cached_tokens == 0
