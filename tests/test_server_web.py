@@ -215,8 +215,9 @@ class _PageHandler(http.server.BaseHTTPRequestHandler):
               headers: {{"Content-Type": "application/json", "Authorization": "Bearer sk-page",
                          "x-stainless-lang": "js"}},
               body: JSON.stringify({{model: "default", messages: [{{role: "user", content: "hi"}}], max_tokens: 2}})}})
-            .then(r => r.json().then(j => [r.headers.get("x-request-id"), j]))
-            .then(([id, j]) => {{ document.getElementById("out").textContent = "OK " + j.object + " " + id; }})
+            .then(r => r.json().then(j => [r.headers.get("x-request-id"), j, r.status]))
+            .then(([id, j, status]) => {{ document.getElementById("out").textContent = "OK " + j.object + " " + id
+                + (status === 200 ? "" : " status " + status + " " + JSON.stringify(j).slice(0, 300)); }})
             .catch(e => {{ document.getElementById("out").textContent = "FAILED " + e; }});"""
         body = f'<html><body><div id="out">pending</div><script>{script}</script></body></html>'.encode()
         self.send_response(200)
