@@ -63,6 +63,7 @@ OPERATIONS = [
     ("GET", "/v1/cache/requests"),
     ("GET", "/v1/cache/requests/{request_id}/miss"),
     ("GET", "/v1/cache/prefixes"),
+    ("GET", "/v1/cache/blocks/summary"),
     ("POST", "/v1/modules"),
     ("GET", "/v1/modules"),
     ("DELETE", "/v1/modules/{module_id}"),
@@ -77,7 +78,7 @@ FUZZED_ELSEWHERE = {"POST /v1/responses", "GET /v1/responses/{response_id}", "DE
 # (GET /v1/cache/requests/{request_id}/miss has none either: any string is a valid path segment.)
 WITH_INPUT = {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/messages",
               "POST /v1/messages/count_tokens", "POST /tokenize", "POST /detokenize", "GET /v1/cache/requests",
-              "GET /v1/cache/prefixes", "POST /v1/modules"}
+              "GET /v1/cache/prefixes", "GET /v1/cache/blocks/summary", "POST /v1/modules"}
 # Any string is a valid path segment: a schema-valid id may name nothing (404), so most answers are 404s.
 PATH_IDS = {"/v1/cache/requests/{request_id}/miss", "/v1/modules/{module_id}", "/v1/models/{model_id}"}
 REGISTERED_MODULE = "fuzz-doc"

@@ -122,7 +122,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cors_allow_origins=tuple(o.strip() for entry in args.cors_allow_origin or () for o in entry.split(",")
                                  if o.strip()),
         semantic_cache_tenants=tuple(args.semantic_cache_tenant or ()),
+        kv_events_url=args.kv_events_url or (args.redis_url if args.kv_events else None), replica_id=args.replica_id,
     )
+    if args.kv_events and not config.kv_events_url:
+        print("promptstash: --kv-events needs --redis-url or --kv-events-url", file=sys.stderr)
+        return 2
+    if config.kv_events_url and "cluster" in config.kv_events_url.partition("://")[0]:
+        print("promptstash: KV events need a plain Redis (redis://...); give one with --kv-events-url",
+              file=sys.stderr)
+        return 2
     print(f"promptstash: loading {args.model or 'the default model (Qwen2.5-Coder-0.5B-Instruct)'} ...",
           file=sys.stderr, flush=True)
     engine = _engine(args)
@@ -328,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--disk-cache-size", default="8GiB", help="disk tier size cap (LRU beyond), e.g. 8GiB")
     s.add_argument("--no-disk-cache", action="store_true", help="turn the disk tier off")
     s.add_argument("--redis-url", default=None, help="Redis tier, shared between servers: redis://HOST:PORT/DB")
+    s.add_argument("--kv-events", action="store_true",
+                   help="publish KV events (block hashes stored in / removed from the pool) to the Redis Stream "
+                        "promptstash:kv-events of --redis-url, for external routers (README: KV events)")
+    s.add_argument("--kv-events-url", default=None, metavar="URL",
+                   help="publish KV events to this Redis (redis://HOST:PORT/DB) instead; implies --kv-events")
+    s.add_argument("--replica-id", default=None, metavar="ID",
+                   help="this server's name in KV events and /v1/cache/blocks/summary (default: hostname:port)")
     s.add_argument("--kv-storage-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of stored KV entries (auto = the pool's, exact; bfloat16 halves fp32 bytes)")
     _engine_args(s)

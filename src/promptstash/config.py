@@ -190,6 +190,9 @@ class ServerConfig:
     cors_allow_origins: tuple[str, ...] = ()
     # tenants whose chat requests use the semantic cache unless they say "semantic_cache": false; "*" = every tenant
     semantic_cache_tenants: tuple[str, ...] = ()
+    # KV events (cache/events.py): publish stored / removed block hashes to this Redis (None = off)
+    kv_events_url: str | None = None
+    replica_id: str | None = None  # names this replica in KV events and the blocks summary; None = hostname:port
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "semantic_cache_tenants", tuple(self.semantic_cache_tenants))

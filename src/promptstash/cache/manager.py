@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from promptstash.cache.block_pool import Block, BlockPool, PoolUsage
+from promptstash.cache.events import KVEventSink
 from promptstash.cache.eviction import EvictionConfig, make_policy
 from promptstash.cache.hashing import extend_hashes, module_hashes, module_root_hash, root_hash
 from promptstash.cache.prefix_index import PrefixIndex
@@ -114,12 +115,14 @@ class CacheManager:
     def __init__(self, num_blocks: int, block_size: int, model_id: str, kv_layout: str,
                  enable_prefix_caching: bool = True, *, clock: Callable[[], float] = time.monotonic,
                  ttl_seconds: Mapping[str, float] | None = None, max_protected_blocks: int | None = None,
-                 store: BlockStore | None = None, eviction: EvictionConfig | None = None) -> None:
+                 store: BlockStore | None = None, eviction: EvictionConfig | None = None,
+                 events: KVEventSink | None = None) -> None:
         """clock: seconds (monotonic) for TTLs; ttl_seconds overrides TTL_SECONDS (tests use short ones);
         max_protected_blocks caps blocks held by TTL protection (default: half the pool); store, if given,
         receives every published block (write-through); loading blocks back is plan_load / reserve_load /
         finish_load, driven by the engine so that no tier I/O happens here; eviction picks the policy that
-        orders cached blocks for eviction (cache/eviction.py; default LRU)."""
+        orders cached blocks for eviction (cache/eviction.py; default LRU); events, if given, hears of every
+        block hash stored in / removed from the pool (cache/events.py, KV events for external routers)."""
         self.block_size = block_size
         self.model_id = model_id
         self.kv_layout = kv_layout
@@ -145,11 +148,20 @@ class CacheManager:
         self._next_load_id = 0
         self._module_blocks: set[bytes] = set()  # hashes of module blocks in the pool now
         self._modules: dict[bytes, tuple[bytes, ...]] = {}  # last block hash -> a module's hashes (stats)
+        self.events = events
+
+    def set_event_sink(self, events: KVEventSink | None) -> None:
+        """Attach (or detach) a KV event sink; the blocks already in the pool are its starting set."""
+        if events is not None:
+            events.seed(h for h, _ in self.index.items())
+        self.events = events
 
     def _on_evict(self, block: Block) -> None:
         assert block.block_hash is not None
         self.index.remove(block.block_hash, block.block_id)
         self._module_blocks.discard(block.block_hash)
+        if self.events is not None:
+            self.events.removed(block.block_hash)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def open(self, seq_id: str, token_ids: Sequence[int], namespace: str) -> int:
@@ -231,6 +243,8 @@ class CacheManager:
             h = seq.hashes[j]
             if self.enable_prefix_caching and self.index.insert(h, seq.block_ids[j]):
                 self.pool.set_hash(seq.block_ids[j], h)
+                if self.events is not None:
+                    self.events.stored(h)
                 self._num_published += 1
                 if self.store is not None:
                     self.store.save(seq.block_ids[j], h, None)
@@ -333,6 +347,8 @@ class CacheManager:
         for h, block_id in zip(hashes, block_ids, strict=True):
             if self.index.insert(h, block_id):
                 self.pool.set_hash(block_id, h)
+                if self.events is not None:
+                    self.events.stored(h)
                 self._module_blocks.add(h)
                 num_published += 1
                 if self.store is not None:
@@ -520,6 +536,8 @@ class CacheManager:
         for h, block_id in reservation.items[:num_loaded]:
             if self.index.insert(h, block_id):
                 self.pool.set_hash(block_id, h)
+                if self.events is not None:
+                    self.events.stored(h)
                 num_published += 1
                 if module:
                     self._module_blocks.add(h)

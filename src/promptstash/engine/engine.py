@@ -1020,6 +1020,22 @@ class Engine:
                 return "tier", None
         return loc.where, loc.ttl_class
 
+    def set_kv_events(self, sink: Any) -> None:
+        """Publish KV events (cache/events.py KVEventSink) for every block stored in / removed from the pool."""
+        with self._lock:
+            self.cache.set_event_sink(sink)
+
+    def kv_blocks_summary(self, replica: str, full: bool = False) -> Any:
+        """The pool's stored block hashes as a cache.events.Summary (seq 0 when no event sink is attached)."""
+        from promptstash.cache.events import Summary, digest
+
+        with self._lock:
+            if self.cache.events is not None:
+                return self.cache.events.summary(full)
+            stored = [h for h, _ in self.cache.index.items()]
+        hashes = tuple(sorted(h.hex() for h in stored)) if full else None
+        return Summary(replica, len(stored), digest(stored), 0, hashes)
+
     def check_integrity(self) -> None:
         with self._lock:
             self.cache.check_integrity()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -81,6 +82,13 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         stats=ServerStats(engine, config.prices),
         model_name=config.served_model_name or model_name_for(engine), created=int(time.time()),
     )
+    replica = config.replica_id or f"{socket.gethostname()}:{config.port}"
+    kv_events = None
+    if config.kv_events_url:  # KV events for external routers (cache/events.py; README "KV events")
+        from promptstash.cache.events import KVEventSink, RedisStreamPublisher
+
+        kv_events = KVEventSink(RedisStreamPublisher(config.kv_events_url), replica)
+        engine.set_kv_events(kv_events)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +96,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         if config.metrics_port is not None:
             listener = MetricsListener(state, config.host, config.metrics_port)
             await asyncio.to_thread(listener.start)
+        if kv_events is not None:
+            kv_events.start()  # its first batch resets this replica's state in consumers
         state.loop.start()
         try:
             yield
@@ -96,6 +106,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             if listener is not None:
                 await asyncio.to_thread(listener.stop)
             engine.close(flush_timeout_s=30)  # queued tier writes reach disk / Redis before we exit
+            if kv_events is not None:
+                await asyncio.to_thread(kv_events.close)  # ["cleared"]: this replica's blocks are gone
 
     app = FastAPI(title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.promptstash = state
@@ -147,6 +159,20 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/v1/cache/stats")
     async def cache_stats(request: Request) -> JSONResponse:
         return JSONResponse(await asyncio.to_thread(state.stats.snapshot, scope(request)))
+
+    @app.get("/v1/cache/blocks/summary")
+    async def blocks_summary(request: Request, full: int = 0) -> dict[str, Any]:
+        """This replica's stored block hashes (the set KV events describe): count, digest, last event seq; with
+        full=1 the hashes themselves (at most the pool's block count). Pool-wide: admins and all-figure callers."""
+        if scope(request) is not None:
+            raise APIError(403, "the blocks summary is pool-wide: it needs an admin key")
+        summary = await asyncio.to_thread(engine.kv_blocks_summary, replica, bool(full))
+        body: dict[str, Any] = {"replica": summary.replica, "num_blocks": summary.num_blocks,
+                                "digest": summary.digest, "seq": summary.seq,
+                                "events": None if kv_events is None else kv_events.stats()}
+        if summary.hashes is not None:
+            body["hashes"] = list(summary.hashes)
+        return body
 
     @app.get("/v1/cache/requests")
     async def recent_requests(request: Request, limit: int = 50) -> dict[str, Any]:

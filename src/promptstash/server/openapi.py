@@ -442,6 +442,7 @@ def _errors(anthropic: bool, *statuses: int) -> dict[str, Any]:
     schema = _ref("AnthropicError" if anthropic else "OpenAIError")
     what = {400: "invalid request (the message names the field and the limit)",
             401: "missing or invalid API key (only when the server has keys)",
+            403: "a pool-wide route: it needs an admin key (only when the server has keys)",
             404: "not found", 413: "request body too large", 500: "computing the module failed",
             429: "too many queued requests; retry after the retry-after header",
             529: "overloaded: too many queued requests; retry after the retry-after header"}
@@ -743,6 +744,16 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
          [{"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"},
            "description": "the x-request-id header of a recent response"}]),
         ("/v1/cache/prefixes", "get", {**plain, **_errors(False, 400)}, [_limit(10, 100)]),
+        ("/v1/cache/blocks/summary", "get", {"200": _json_response("this replica's stored block hashes", _object(
+            {"replica": {"type": "string"}, "num_blocks": {"type": "integer", "minimum": 0},
+             "digest": {"type": "string", "description": "sha256 hex over the sorted raw block hashes"},
+             "seq": {"type": "integer", "minimum": 0,
+                     "description": "the last KV event recorded (0 when KV events are off)"},
+             "events": _nullable({"type": "object", "description": "KV event counters (null when off)"}),
+             "hashes": {"type": "array", "items": {"type": "string"}, "description": "with full=1: hex, sorted"}},
+            ("replica", "num_blocks", "digest", "seq", "events"))), **_errors(False, 400, 403)},
+         [{"name": "full", "in": "query", "required": False, "schema": {"type": "integer", "default": 0},
+           "description": "1: list the hashes too"}]),
         ("/metrics", "get", {"200": {"description": "Prometheus text format",
                                      "content": {"text/plain": {"schema": {"type": "string"}}}}}, None),
         ("/dashboard", "get", {"200": {"description": "the live dashboard page",
