@@ -10,6 +10,15 @@ tier does not touch the network again until retry_interval_s has passed, so a de
 request path; the first call after that probes Redis again, and when it answers the tier logs "reconnected" and
 carries on. Construction never connects, so it never fails because Redis is down (a malformed URL still raises).
 
+Redis Cluster: a URL redis+cluster://HOST:PORT[,HOST:PORT...] (rediss+cluster:// for TLS; [USER:PASSWORD@] before the
+first node) uses redis-py's RedisCluster; the nodes listed are only where the client learns the topology. Each key is
+one entry and carries its block hash as hash tag, so an entry is always in one slot, and entries spread over the
+masters.
+Unlike a single Redis, construction does connect: a cluster that cannot be reached, or whose CLUSTER INFO is not
+cluster_state:ok with all 16384 slots assigned, raises RedisClusterConfigError naming the problem (a server does not
+start on a broken cluster). Later, a master that dies is "a Redis that went away": calls for keys in its slots fail
+and are counted (the tier backs off as above, so a block is recomputed, never served damaged: entries are checksummed).
+
 NOTE: stats().num_entries / num_bytes are a LOCAL ESTIMATE, not a SCAN of Redis: entries this process wrote minus
 those it deleted. Overwrites of a key count again, and expiry and other processes' writes are not seen.
 """
@@ -24,6 +33,8 @@ from typing import TypeVar
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from promptstash.cache.tiers.base import TierStats
@@ -32,7 +43,38 @@ log = logging.getLogger("promptstash.tiers")
 
 T = TypeVar("T")
 # Everything a Redis call can raise for backend trouble (redis.ConnectionError / TimeoutError are RedisErrors).
-_BACKEND_ERRORS = (redis.RedisError, OSError)
+# RedisClusterException (slots not covered, no node reachable) is not a RedisError.
+_BACKEND_ERRORS = (redis.RedisError, RedisClusterException, OSError)
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+NUM_SLOTS = 16384
+
+
+class RedisClusterConfigError(ValueError):
+    """A redis+cluster:// URL that is malformed, or a cluster that is unreachable or not serving all slots at start."""
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None, bool]:
+    """redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...][/0] -> (nodes, username, password, tls)."""
+    scheme = next((s for s in CLUSTER_SCHEMES if url.startswith(s)), None)
+    if scheme is None:
+        raise RedisClusterConfigError("not a Redis Cluster URL (want redis+cluster://HOST:PORT[,HOST:PORT...])")
+    rest = url[len(scheme):]
+    rest, _, db = rest.partition("/")
+    if db not in ("", "0"):
+        raise RedisClusterConfigError(f"Redis Cluster has only database 0, the URL names /{db}")
+    username = password = None
+    if "@" in rest:
+        creds, _, rest = rest.rpartition("@")
+        user, colon, pw = creds.partition(":")
+        username, password = user or None, (pw or None) if colon else None
+    nodes = []
+    for part in rest.split(","):
+        host, _, port = part.strip().rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            raise RedisClusterConfigError(f"cannot read cluster node {part!r} in the Redis Cluster URL; want HOST:PORT")
+        nodes.append((host, int(port)))
+    return nodes, username, password, scheme == "rediss+cluster://"
 
 
 class RedisTier:
@@ -47,11 +89,16 @@ class RedisTier:
         self.clock = clock
         # No client-side retries: redis-py's default retries with back-off would make every call to a dead Redis
         # slow. The tier's own back-off (retry_interval_s) replaces them.
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
-        kw = self._client.connection_pool.connection_kwargs
-        self._where = f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}/{kw.get('db', 0)}"  # no password
+        self.cluster = url.startswith(CLUSTER_SCHEMES)
+        if self.cluster:
+            self._client = _connect_cluster(url, socket_timeout_s)
+            self._where = "cluster " + ",".join(f"{h}:{p}" for h, p in parse_cluster_url(url)[0])  # no password
+        else:
+            self._client = redis.Redis.from_url(
+                url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+                retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+            kw = self._client.connection_pool.connection_kwargs
+            self._where = f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}/{kw.get('db', 0)}"  # no password
         self._lock = threading.Lock()
         self._stats = TierStats(self.name)
         self._down_until: float | None = None  # while set and in the future, calls skip the network
@@ -89,7 +136,10 @@ class RedisTier:
             log.warning("Redis tier at %s is unavailable (%s: %s); retrying every %.3g s, further errors are "
                         "counted, not logged", self._where, type(exc).__name__, exc, self.retry_interval_s)
         try:  # drop idle connections: after a restart they are stale, and the next probe should dial afresh
-            self._client.connection_pool.disconnect(inuse_connections=False)
+            if self.cluster:
+                self._client.disconnect_connection_pools()
+            else:
+                self._client.connection_pool.disconnect(inuse_connections=False)
         except _BACKEND_ERRORS:
             pass
 
@@ -175,6 +225,35 @@ class RedisTier:
     def close(self) -> None:
         try:
             self._client.close()
-            self._client.connection_pool.disconnect()
+            if not self.cluster:
+                self._client.connection_pool.disconnect()
         except _BACKEND_ERRORS:
             pass
+
+
+def _connect_cluster(url: str, socket_timeout_s: float) -> RedisCluster:
+    """A RedisCluster client of a cluster that answers and serves every slot, or RedisClusterConfigError."""
+    nodes, username, password, tls = parse_cluster_url(url)
+    where = ",".join(f"{h}:{p}" for h, p in nodes)
+    try:
+        # No client-side retries (as for a single Redis): the tier's back-off replaces them.
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=username,
+                              password=password, ssl=tls, socket_timeout=socket_timeout_s,
+                              socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0),
+                              require_full_coverage=True)
+    except _BACKEND_ERRORS as exc:
+        raise RedisClusterConfigError(
+            f"Redis Cluster at {where} cannot be used: {type(exc).__name__}: {exc} (is every node down or "
+            f"unreachable, not cluster-enabled, or are slots unassigned?)") from exc
+    try:
+        info = client.cluster_info()
+    except _BACKEND_ERRORS as exc:
+        client.close()
+        raise RedisClusterConfigError(f"Redis Cluster at {where} does not answer CLUSTER INFO: {exc}") from exc
+    state, assigned = info.get("cluster_state"), int(info.get("cluster_slots_assigned", 0))
+    if state != "ok" or assigned < NUM_SLOTS:
+        client.close()
+        raise RedisClusterConfigError(
+            f"Redis Cluster at {where} is not serving: cluster_state:{state}, {assigned} of {NUM_SLOTS} slots "
+            f"assigned (missing slots; assign them, e.g. redis-cli --cluster fix)")
+    return client
