@@ -335,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="disk tier: KV blocks kept beyond memory and across restarts")
     s.add_argument("--disk-cache-size", default="8GiB", help="disk tier size cap (LRU beyond), e.g. 8GiB")
     s.add_argument("--no-disk-cache", action="store_true", help="turn the disk tier off")
-    s.add_argument("--redis-url", default=None, help="Redis tier, shared between servers: redis://HOST:PORT/DB")
+    s.add_argument("--redis-url", default=None,
+                   help="Redis tier, shared between servers: redis://HOST:PORT/DB, or a Redis Cluster: "
+                        "redis+cluster://HOST:PORT[,HOST:PORT...] (rediss+cluster:// for TLS; the server does not "
+                        "start if the cluster is unreachable or not all slots are assigned)")
     s.add_argument("--kv-events", action="store_true",
                    help="publish KV events (block hashes stored in / removed from the pool) to the Redis Stream "
                         "promptstash:kv-events of --redis-url, for external routers (README: KV events)")
