@@ -38,6 +38,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from promptstash.cache.tiers.base import TierStats
+from promptstash.errors import PromptstashError
 
 log = logging.getLogger("promptstash.tiers")
 
@@ -49,7 +50,7 @@ CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 NUM_SLOTS = 16384
 
 
-class RedisClusterConfigError(ValueError):
+class RedisClusterConfigError(PromptstashError, ValueError):
     """A redis+cluster:// URL that is malformed, or a cluster that is unreachable or not serving all slots at start."""
 
 
