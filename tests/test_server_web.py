@@ -27,18 +27,20 @@ SDK_HEADERS = ("authorization, x-api-key, content-type, anthropic-version, anthr
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return tiny_chat_engine(tmp_path_factory.mktemp("web"))
+    """A fresh engine for each server. NOTE: two live servers on one engine run two engine loops, and each
+    loop aborts the requests the other one tracks as orphans (the 500 'finish reason abort' once seen here)."""
+    return lambda: tiny_chat_engine(tmp_path_factory.mktemp("web"))
 
 
 @pytest.fixture(scope="module")
 def plain(engine) -> Iterator[LiveServer]:
-    with LiveServer(engine) as srv:
+    with LiveServer(engine()) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def cors(engine) -> Iterator[LiveServer]:
-    with LiveServer(engine, ServerConfig(cors_allow_origins=(ALLOWED, "https://app.example.com"))) as srv:
+    with LiveServer(engine(), ServerConfig(cors_allow_origins=(ALLOWED, "https://app.example.com"))) as srv:
         yield srv
 
 
@@ -102,7 +104,7 @@ def test_responses_and_errors_carry_the_cors_headers(cors) -> None:
 
 
 def test_any_origin_with_star(engine) -> None:
-    with LiveServer(engine, ServerConfig(cors_allow_origins=("*",), api_keys={"sk-web": "web"})) as srv:
+    with LiveServer(engine(), ServerConfig(cors_allow_origins=("*",), api_keys={"sk-web": "web"})) as srv:
         response = preflight(srv.url + "/v1/messages", "https://anything.example.org")
         assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "*"
         assert "authorization" in response.headers["access-control-allow-headers"].lower()
@@ -145,7 +147,7 @@ def test_retrieve_model_with_both_sdks(plain) -> None:
 
 
 def test_retrieve_model_needs_a_key_when_keys_are_set(engine) -> None:
-    with LiveServer(engine, ServerConfig(api_keys={"sk-a": "a"})) as srv:
+    with LiveServer(engine(), ServerConfig(api_keys={"sk-a": "a"})) as srv:
         assert httpx.get(srv.url + "/v1/models/default", timeout=10).status_code == 401
         ok = httpx.get(srv.url + "/v1/models/default", headers={"x-api-key": "sk-a"}, timeout=10)
         assert ok.status_code == 200 and ok.json()["id"] == "default"
@@ -240,7 +242,7 @@ def test_a_page_on_another_origin_calls_the_api_only_when_allowed(engine) -> Non
         # allowed: the page reads the answer and the exposed x-request-id header; not allowed: fetch() fails
         for origins, expected in (((), r"FAILED TypeError: Failed to fetch"),
                                   ((origin,), r"OK chat\.completion [0-9a-f]{24}")):
-            with LiveServer(engine, ServerConfig(api_keys=keys, cors_allow_origins=origins)) as srv:
+            with LiveServer(engine(), ServerConfig(api_keys=keys, cors_allow_origins=origins)) as srv:
                 _PageHandler.api_url = srv.url
                 out = re.search(r'id="out">([^<]*)<', dump_dom(origin + "/"))
                 assert out and re.fullmatch(expected, out.group(1)), (origins, out and out.group(1))

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from promptstash.cache.events import KVEventSink, RedisStreamPublisher
 from promptstash.config import ServerConfig
 from promptstash.engine.engine import Engine
 from promptstash.server import anthropic_api, modules_api, openai_api, responses_api, tokens_api, web
@@ -85,8 +86,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     replica = config.replica_id or f"{socket.gethostname()}:{config.port}"
     kv_events = None
     if config.kv_events_url:  # KV events for external routers (cache/events.py; README "KV events")
-        from promptstash.cache.events import KVEventSink, RedisStreamPublisher
-
         kv_events = KVEventSink(RedisStreamPublisher(config.kv_events_url), replica)
         engine.set_kv_events(kv_events)
 
