@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from promptstash.bench.report import cpu_name
+
 FORMATS = ("float32", "int8", "int4")
 THREADS = 2
 BOUND = 0.01  # relative perplexity difference allowed by both bounds
@@ -163,13 +165,9 @@ def score_llama_cpp(gguf: Path, windows: list[list[int]], log: Callable[[str], N
 
 # -- the run -----------------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     import os
+
+    cpu = cpu_name()
 
     return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "llama_cpp": llama_cpp_version(),

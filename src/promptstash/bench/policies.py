@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from promptstash.bench.report import percentile
+from promptstash.bench.report import percentile, write_results
 from promptstash.bench.workloads import _block_tokens, _data_file, _trace_rows, trace_token_range
 from promptstash.cache.eviction import EvictionConfig
 from promptstash.cache.hashing import extend_hashes, root_hash
@@ -886,12 +886,8 @@ def plot(res: dict[str, Any], path: Path, log: Callable[[str], None] = print) ->
 
 def write(res: dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """Write policies.json, policies.md and (with matplotlib) policies.png under out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / "policies.json", out_dir / "policies.md"
-    js.write_text(json.dumps(res, indent=1, default=_jsonable) + "\n")
-    md.write_text(to_markdown(res))
-    plot(res, out_dir / "policies.png", log=log)
-    return js, md
+    return write_results(res, out_dir, "policies", to_markdown(res), lambda path: plot(res, path, log=log),
+                         default=_jsonable)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,3 +194,25 @@ def write(res: BenchResult, out_dir: Path, log=print) -> list[Path]:
     js.write_text(json.dumps(asdict(res), indent=2) + "\n")
     md.write_text(to_markdown(res))
     return [js, md, *plot(res, out_dir, name, log=log)]
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def write_results(res: dict[str, Any], out_dir: Path, name: str, markdown: str,
+                  plot: Callable[[Path], Path | None] | None = None, *, indent: int = 1,
+                  default: Callable[[Any], Any] | None = None) -> tuple[Path, Path]:
+    """NAME.json, NAME.md and, given `plot(path)`, NAME.png under out_dir; returns the JSON and Markdown paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    js.write_text(json.dumps(res, indent=indent, default=default) + "\n")
+    md.write_text(markdown)
+    if plot is not None:
+        plot(out_dir / f"{name}.png")
+    return js, md

@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from promptstash.bench.report import cpu_name, write_results
+
 KINDS = ("negation", "number", "entity", "unit", "comparison")
 LABELS = ("paraphrase", "near_miss")
 # 0.50 .. 0.98 by 0.02, then finer up to 1.0 (on this set no threshold up to 0.98 meets the bound; 1.0 is
@@ -165,13 +167,8 @@ def workload_estimate(hit_rate: float | None) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     import os
 
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version()}
+    return {"platform": platform.platform(), "cpu": cpu_name(), "cpus": os.cpu_count(),
+            "python": platform.python_version()}
 
 
 def examples(rows: Sequence[dict[str, Any]], scored: Sequence[dict[str, Any]], threshold: float | None,
@@ -513,9 +510,4 @@ def plot(res: dict[str, Any], path: Path, log: Callable[[str], None] = print) ->
 
 def write(res: dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """semantic.json, semantic.md and (with matplotlib) semantic.png under out_dir; returns the JSON and MD paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / "semantic.json", out_dir / "semantic.md"
-    js.write_text(json.dumps(res, indent=1) + "\n")
-    md.write_text(to_markdown(res))
-    plot(res, out_dir / "semantic.png", log=log)
-    return js, md
+    return write_results(res, out_dir, "semantic", to_markdown(res), lambda path: plot(res, path, log=log))

@@ -90,7 +90,20 @@ class EvictionPolicy(Protocol):
         ...
 
 
-class LRUPolicy:
+class _NoHints:
+    """The hints of EvictionPolicy as no-ops, for policies that ignore them."""
+
+    def note_sequence(self, block_ids: Sequence[int], seq_len: int) -> None:
+        pass
+
+    def note_request(self, prompt_len: int, num_cached: int) -> None:
+        pass
+
+    def set_prefill_rate(self, tokens_per_s: float) -> None:
+        pass
+
+
+class LRUPolicy(_NoHints):
     """Least recently released first. NOTE: callers release a sequence tail first, so its tail goes first."""
 
     name = "lru"
@@ -118,15 +131,6 @@ class LRUPolicy:
 
     def order(self) -> list[int]:
         return list(self._queue)
-
-    def note_sequence(self, block_ids: Sequence[int], seq_len: int) -> None:
-        pass
-
-    def note_request(self, prompt_len: int, num_cached: int) -> None:
-        pass
-
-    def set_prefill_rate(self, tokens_per_s: float) -> None:
-        pass
 
 
 class TailOptimizedLRUPolicy:
@@ -223,7 +227,7 @@ class TailOptimizedLRUPolicy:
             self.prefill_tokens_per_s = tokens_per_s
 
 
-class CostAwarePolicy:
+class CostAwarePolicy(_NoHints):
     """GreedyDual-Size-Frequency over blocks of one size: priority = L + uses × cost, lowest evicted first.
 
     A block's cost is the compute its loss forces on a later hit: itself and every block after it in the
@@ -298,12 +302,6 @@ class CostAwarePolicy:
             block_id = block_ids[k]
             self._cost[block_id] = max(self._cost.get(block_id, 0.0), total)
             self._uses[block_id] = self._uses.get(block_id, 0) + 1
-
-    def note_request(self, prompt_len: int, num_cached: int) -> None:
-        pass
-
-    def set_prefill_rate(self, tokens_per_s: float) -> None:
-        pass
 
 
 def make_policy(config: EvictionConfig, block_size: int) -> EvictionPolicy:
