@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch==2.13.0 takes the machine's local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup serve test test-quick bench soak lint generate clean redis browser peers
+.PHONY: setup serve test test-quick bench soak lint generate clean redis browser peers haproxy cluster
 
 setup: $(STAMP)
 
@@ -26,6 +26,18 @@ redis:
 	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq redis-server >/dev/null) || echo "warning: could not install redis-server; Redis tests will skip"
 
+# Several replicas sit behind HAProxy (Debian package): `make cluster`, tests/test_cluster.py, `bench cluster`.
+haproxy:
+	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null) || \
+		echo "warning: could not install haproxy; the replica tests will skip"
+
+# Three replicas + HAProxy (affinity routing) + a local 3-master Redis Cluster, until Ctrl-C (README "Running
+# several replicas"); REPLICAS=N for another count.
+REPLICAS ?= 3
+cluster: setup redis haproxy
+	$(VENV)/bin/promptstash route --replicas $(REPLICAS)
+
 # The dashboard test drives Debian's chromium headless; install it when missing.
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
@@ -33,7 +45,7 @@ browser:
 
 # Every test, slow ones included (real model, server subprocesses, Chromium, 1,000-request runs); each test
 # has a 120 s deadline (pyproject.toml), so a hang fails one test instead of stalling the run.
-test: setup redis browser
+test: setup redis browser haproxy
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
 
