@@ -1,4 +1,4 @@
-"""`promptstash serve | generate | bench`."""
+"""`promptstash serve | generate | route | bench`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="modules: what is recomputed where cached modules are assembled, unless a request says: "
                         "none (the default) | legolink[:K] (K=16) | cacheblend[:R] (R=0.3) | full")
     p.add_argument("--models-dir", default=None, help="where converted models live (default ~/.cache/promptstash)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core); give each replica its share")
     p.add_argument("--eviction", default="lru", choices=["lru", "tlru", "cost"],
                    help="which cached block goes first when the pool is full: lru, tlru (tail-optimized: blocks a "
                         "conversation's next turn can recompute within --ttft-slo-ms go first) or cost (recompute "
@@ -52,7 +54,8 @@ def _engine(args: argparse.Namespace):
                                   kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.models_dir, **tiers,
                                   enable_prefix_caching=not args.no_prefix_caching, module_repair=args.module_repair,
                                   max_num_seqs=getattr(args, "max_num_seqs", 16), eviction=args.eviction,
-                                  ttft_slo_ms=args.ttft_slo_ms, schedule=args.schedule, max_wait_ms=args.max_wait_ms)
+                                  ttft_slo_ms=args.ttft_slo_ms, schedule=args.schedule, max_wait_ms=args.max_wait_ms,
+                                  num_threads=args.threads)
 
 
 def _size(text: str) -> int:
@@ -287,6 +290,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    """N replicas + HAProxy + Redis on this machine, until Ctrl-C (promptstash.deploy.local)."""
+    import signal
+
+    from promptstash.deploy.local import LocalDeployment
+
+    def say(message: str) -> None:
+        print(f"promptstash route: {message}", file=sys.stderr, flush=True)
+
+    serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
+    work = Path(args.work_dir or Path("~/.cache/promptstash/route").expanduser())
+    deployment = LocalDeployment(args.replicas, work_dir=work, port=args.port, redis_url=args.redis,
+                                 affinity=not args.round_robin, kv_events=args.kv_events,
+                                 serve_args=serve_args, threads=args.threads, stats_port=args.stats_port,
+                                 log=say)
+    say(f"starting {args.replicas} replicas (logs in {work}) ...")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with deployment:
+        say(f"serving at {deployment.url}/v1 (HAProxy status page: http://127.0.0.1:{deployment.stats_port}/); "
+            "Ctrl-C stops everything")
+        try:
+            while all(r.alive for r in deployment.replicas):
+                time.sleep(1)
+            dead = [r.name for r in deployment.replicas if not r.alive]
+            say(f"{', '.join(dead)} exited (see its log); stopping")
+            return 1
+        except KeyboardInterrupt:
+            say("stopping")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="promptstash", description="LLM inference with exact prompt caching")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -350,6 +384,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of stored KV entries (auto = the pool's, exact; bfloat16 halves fp32 bytes)")
     _engine_args(s)
     b = sub.add_parser("bench", help="run a benchmark workload")
+    r = sub.add_parser("route", help="try several replicas on this machine: N `serve` processes behind HAProxy "
+                                     "(cache-affinity routing) sharing KV through Redis; Ctrl-C stops them")
+    r.add_argument("--replicas", type=int, default=3)
+    r.add_argument("--port", type=int, default=8000, help="HAProxy's port; replicas take the next ones")
+    r.add_argument("--redis", default="cluster",
+                   help="the shared KV tier: cluster (a local 3-master Redis Cluster), single (one redis-server), "
+                        "none, or the URL of a running Redis (redis:// or redis+cluster://)")
+    r.add_argument("--round-robin", action="store_true", help="route round robin instead of by affinity")
+    r.add_argument("--kv-events", action="store_true", help="replicas publish KV events (README \"KV events\")")
+    r.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: cores / N)")
+    r.add_argument("--stats-port", type=int, default=None, help="HAProxy's status page (default: a free port)")
+    r.add_argument("--work-dir", default=None, help="configs and logs (default ~/.cache/promptstash/route)")
+    r.add_argument("serve_args", nargs=argparse.REMAINDER,
+                   help="after --: options for every replica's `promptstash serve`, e.g. -- --model DIR")
     b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | grammar | agent "
                    "| soak | peers | perplexity | policies | semantic | summary")
     b.add_argument("--model", default=None)
@@ -418,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     from promptstash.errors import PromptstashError
 
     try:
-        return {"generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench}[args.command](args)
+        commands = {"generate": cmd_generate, "serve": cmd_serve, "route": cmd_route, "bench": cmd_bench}
+        return commands[args.command](args)
     except PromptstashError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
