@@ -485,16 +485,18 @@ class LocalDeployment:
                                             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                             start_new_session=True)
 
-    def set_routing(self, affinity: bool) -> None:
-        """(Re)start HAProxy with affinity routing or round robin over every replica."""
+    def set_routing(self, affinity: bool, num_replicas: int | None = None) -> None:
+        """(Re)start HAProxy with affinity routing or round robin over the first `num_replicas` replicas (all by
+        default); the replicas and their caches are untouched."""
         self.affinity = affinity
         if self.haproxy is not None:
             self.haproxy.stop()
-        config = HAProxyConfig(tuple(Replica(r.name, HOST, r.port) for r in self.replicas),
+        routed = self.replicas[:num_replicas] if num_replicas else self.replicas
+        config = HAProxyConfig(tuple(Replica(r.name, HOST, r.port) for r in routed),
                                bind=f"{HOST}:{self.port}", affinity=affinity, stats_bind=f"{HOST}:{self.stats_port}")
         self.haproxy = HAProxyProcess(config, self.work_dir)
         self.haproxy.start()
-        self.haproxy.wait_up({r.name for r in self.replicas if r.alive})
+        self.haproxy.wait_up({r.name for r in routed if r.alive})
         self.log(f"HAProxy at {self.url} ({'affinity' if affinity else 'round robin'}; config "
                  f"{self.haproxy.config_path})")
 
