@@ -47,7 +47,6 @@ from promptstash.engine.scheduler import ScheduledChunk, Scheduler
 from promptstash.errors import ContextLengthError, InvalidRequestError
 from promptstash.models.config import ModelConfig
 from promptstash.models.llama import KVCache, LlamaModel
-from promptstash.models.quant import QUANTIZED_FORMATS
 from promptstash.prompts import ChatMessage, RenderedPrompt, chat_messages, render
 from promptstash.tools import ToolDef
 
@@ -144,8 +143,12 @@ class Engine:
         block_size = config.block_size
         num_blocks = config.pool_blocks
         self.kv = KVCache(mcfg, num_blocks, block_size, model.dtype, model.device)
-        kv_layout = f"bs{block_size}/{str(model.dtype).removeprefix('torch.')}"
-        if model.weight_format in QUANTIZED_FORMATS:  # NOTE: other weights, other K/V: never shared
+        activations = str(model.dtype).removeprefix("torch.")
+        kv_layout = f"bs{block_size}/{activations}"
+        # NOTE: other weights, other K/V: the layout (so every block hash) names the weight format, e.g.
+        # bs16/bfloat16/int4, so int4 and bfloat16 weights never share blocks through a disk or Redis tier.
+        # Float weights are held in the activations' dtype, which the layout names already.
+        if model.weight_format != activations:
             kv_layout += f"/{model.weight_format}"
         self.kv_store = self._make_store(model_id, kv_layout) if config.enable_prefix_caching else None
         self.cache = CacheManager(num_blocks, block_size, model_id, kv_layout, config.enable_prefix_caching,
