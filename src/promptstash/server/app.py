@@ -1,6 +1,10 @@
 """The ASGI app: errors, the non-model routes (/health, /v1/models, /metrics, /v1/cache/*, /dashboard) and the
 --metrics-port listener. The model routes live in openai_api.py and anthropic_api.py, the module registry
-(/v1/modules) in modules_api.py; the state they share (auth, tenants, namespaces, body limits) in state.py."""
+(/v1/modules) in modules_api.py; the state they share (auth, tenants, namespaces, body limits) in state.py.
+
+Every response carries x-promptstash-replica: the replica's name (--replica-id, else hostname:port), the name its KV
+events and blocks summary use. A server with a Redis KV tier claims that Redis for its model at start
+(cache/tiers/claim.py): create_app raises ModelMismatchError when replicas of another model hold it."""
 
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from promptstash.cache.events import KVEventSink, RedisStreamPublisher
+from promptstash.cache.tiers.claim import ModelClaim, ModelMismatchError
 from promptstash.config import ServerConfig
 from promptstash.engine.engine import Engine
 from promptstash.server import anthropic_api, modules_api, openai_api, responses_api, tokens_api, web
@@ -33,6 +39,43 @@ from promptstash.server.openapi import build_openapi
 from promptstash.server.state import ServerState, model_name_for
 
 log = logging.getLogger("promptstash.server")
+
+REPLICA_HEADER = "x-promptstash-replica"
+
+
+class ReplicaHeader:
+    """Pure ASGI middleware: adds `x-promptstash-replica: <replica>` to every HTTP response, streamed ones included
+    (it only touches the http.response.start message, so bodies pass through unbuffered)."""
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.encode("latin-1"), replica.encode("latin-1", errors="replace"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_replica(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_replica)
+
+
+class PromptstashApp(FastAPI):
+    """FastAPI with ReplicaHeader outermost.
+
+    NOTE: outside Starlette's ServerErrorMiddleware (which app.add_middleware cannot reach), so that the 500s it
+    sends for unhandled exceptions carry the header too."""
+
+    def __init__(self, replica: str, **kwargs: Any) -> None:
+        self.replica = replica
+        super().__init__(**kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return ReplicaHeader(super().build_middleware_stack(), self.replica)
 
 
 def metrics_response(state: ServerState, tenant: str | None) -> Response:
@@ -72,8 +115,12 @@ class MetricsListener:
 
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
-    """An app serving `engine`. The engine thread (and the --metrics-port listener) start and stop with the
-    app's lifespan."""
+    """An app serving `engine`. The engine thread (and the --metrics-port listener, and the model claim's refresh
+    thread) start and stop with the app's lifespan.
+
+    With a Redis KV tier, claims that Redis for the engine's model id and KV layout first (cache/tiers/claim.py):
+    raises ModelMismatchError when replicas of another model or layout hold it; a Redis that cannot be reached
+    only logs a warning (the refresh thread claims it later)."""
     config = config or ServerConfig()
     state = ServerState(
         engine=engine, config=config,
@@ -84,6 +131,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         model_name=config.served_model_name or model_name_for(engine), created=int(time.time()),
     )
     replica = config.replica_id or f"{socket.gethostname()}:{config.port}"
+    claim = None
+    if engine.config.redis_url and engine.config.enable_prefix_caching:
+        claim = ModelClaim(engine.config.redis_url, engine.model_id, engine.cache.kv_layout, replica)
+        try:
+            claim.claim()  # NOTE: before anything else starts: a mismatch stops the server here
+        except ModelMismatchError:
+            claim.stop()
+            raise
     kv_events = None
     if config.kv_events_url:  # KV events for external routers (cache/events.py; README "KV events")
         kv_events = KVEventSink(RedisStreamPublisher(config.kv_events_url), replica)
@@ -97,6 +152,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             await asyncio.to_thread(listener.start)
         if kv_events is not None:
             kv_events.start()  # its first batch resets this replica's state in consumers
+        if claim is not None:
+            claim.start()
         state.loop.start()
         try:
             yield
@@ -107,8 +164,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             engine.close(flush_timeout_s=30)  # queued tier writes reach disk / Redis before we exit
             if kv_events is not None:
                 await asyncio.to_thread(kv_events.close)  # ["cleared"]: this replica's blocks are gone
+            if claim is not None:
+                await asyncio.to_thread(claim.stop)
 
-    app = FastAPI(title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app = PromptstashApp(replica, title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None,
+                         openapi_url="/openapi.json")
     app.state.promptstash = state
     web.install_cors(app, config.cors_allow_origins)
     app.openapi = lambda: build_openapi(app)  # adds the model routes' bodies, status codes and keys (openapi.py)

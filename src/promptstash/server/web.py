@@ -21,8 +21,9 @@ from promptstash.server.errors import APIError
 from promptstash.server.state import ServerState
 
 ASSETS_URL = "/docs/assets"
-# Response headers a browser page may read: the request id (for /v1/cache/requests/{id}/miss) and the retry hint.
-EXPOSED_HEADERS = ("x-request-id", "retry-after")
+# Response headers a browser page may read: the request id (for /v1/cache/requests/{id}/miss), the retry hint and
+# the replica that answered.
+EXPOSED_HEADERS = ("x-request-id", "retry-after", "x-promptstash-replica")
 
 
 def install_cors(app: FastAPI, origins: tuple[str, ...]) -> None:

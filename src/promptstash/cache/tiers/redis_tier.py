@@ -45,7 +45,7 @@ log = logging.getLogger("promptstash.tiers")
 T = TypeVar("T")
 # Everything a Redis call can raise for backend trouble (redis.ConnectionError / TimeoutError are RedisErrors).
 # RedisClusterException (slots not covered, no node reachable) is not a RedisError.
-_BACKEND_ERRORS = (redis.RedisError, RedisClusterException, OSError)
+BACKEND_ERRORS = (redis.RedisError, RedisClusterException, OSError)
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 NUM_SLOTS = 16384
 
@@ -88,18 +88,9 @@ class RedisTier:
         self.default_ttl_s = default_ttl_s  # used when put() gets ttl_s=None; None here = no expiry
         self.retry_interval_s = retry_interval_s
         self.clock = clock
-        # No client-side retries: redis-py's default retries with back-off would make every call to a dead Redis
-        # slow. The tier's own back-off (retry_interval_s) replaces them.
         self.cluster = url.startswith(CLUSTER_SCHEMES)
-        if self.cluster:
-            self._client = _connect_cluster(url, socket_timeout_s)
-            self._where = "cluster " + ",".join(f"{h}:{p}" for h, p in parse_cluster_url(url)[0])  # no password
-        else:
-            self._client = redis.Redis.from_url(
-                url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-                retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
-            kw = self._client.connection_pool.connection_kwargs
-            self._where = f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}/{kw.get('db', 0)}"  # no password
+        self._client = connect(url, socket_timeout_s)
+        self._where = describe(url)
         self._lock = threading.Lock()
         self._stats = TierStats(self.name)
         self._down_until: float | None = None  # while set and in the future, calls skip the network
@@ -119,7 +110,7 @@ class RedisTier:
             return False, None
         try:
             result = op()
-        except _BACKEND_ERRORS as exc:
+        except BACKEND_ERRORS as exc:
             self._failed(exc)
             return False, None
         with self._lock:
@@ -141,7 +132,7 @@ class RedisTier:
                 self._client.disconnect_connection_pools()
             else:
                 self._client.connection_pool.disconnect(inuse_connections=False)
-        except _BACKEND_ERRORS:
+        except BACKEND_ERRORS:
             pass
 
     # -- Tier ------------------------------------------------------------------------------------
@@ -228,8 +219,30 @@ class RedisTier:
             self._client.close()
             if not self.cluster:
                 self._client.connection_pool.disconnect()
-        except _BACKEND_ERRORS:
+        except BACKEND_ERRORS:
             pass
+
+
+def connect(url: str, socket_timeout_s: float = 1.0) -> redis.Redis | RedisCluster:
+    """A client of the Redis (redis://, rediss://, unix://) or Redis Cluster (redis+cluster://) at `url`.
+
+    A single Redis is not contacted (a malformed URL raises ValueError); a cluster is, and one that cannot be
+    used raises RedisClusterConfigError (see _connect_cluster). Every call fails after socket_timeout_s at most.
+    """
+    # NOTE: no client-side retries: redis-py's default retries with back-off would make every call to a dead
+    # Redis slow. Callers back off on their own (the tier's retry_interval_s).
+    if url.startswith(CLUSTER_SCHEMES):
+        return _connect_cluster(url, socket_timeout_s)
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+                                retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+
+
+def describe(url: str) -> str:
+    """Where `url` points, for messages: host:port/db, or cluster host:port,...; never the password."""
+    if url.startswith(CLUSTER_SCHEMES):
+        return "cluster " + ",".join(f"{h}:{p}" for h, p in parse_cluster_url(url)[0])
+    kw = redis.ConnectionPool.from_url(url).connection_kwargs
+    return f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}/{kw.get('db', 0)}"
 
 
 def _connect_cluster(url: str, socket_timeout_s: float) -> RedisCluster:
@@ -242,13 +255,13 @@ def _connect_cluster(url: str, socket_timeout_s: float) -> RedisCluster:
                               password=password, ssl=tls, socket_timeout=socket_timeout_s,
                               socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0),
                               require_full_coverage=True)
-    except _BACKEND_ERRORS as exc:
+    except BACKEND_ERRORS as exc:
         raise RedisClusterConfigError(
             f"Redis Cluster at {where} cannot be used: {type(exc).__name__}: {exc} (is every node down or "
             f"unreachable, not cluster-enabled, or are slots unassigned?)") from exc
     try:
         info = client.cluster_info()
-    except _BACKEND_ERRORS as exc:
+    except BACKEND_ERRORS as exc:
         client.close()
         raise RedisClusterConfigError(f"Redis Cluster at {where} does not answer CLUSTER INFO: {exc}") from exc
     state, assigned = info.get("cluster_state"), int(info.get("cluster_slots_assigned", 0))
