@@ -193,9 +193,9 @@ def test_a_restart_while_idle_costs_no_failure(server) -> None:
 
 
 def test_a_missing_redis_server_binary_skips_with_a_hint_to_make_test(monkeypatch, tmp_path) -> None:
-    import redis_helpers
+    from promptstash.deploy import local
 
-    monkeypatch.setattr(redis_helpers, "redis_server_binary", lambda: None)
+    monkeypatch.setattr(local, "redis_server_binary", lambda: None)
     with pytest.raises(pytest.skip.Exception, match="make test"):
         RedisServer(tmp_path)
 
