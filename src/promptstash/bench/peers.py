@@ -445,10 +445,14 @@ def server_process(cmd: list[str], ready_path: str, log_path: Path, env: dict[st
 
 def served_format(log_text: str) -> dict[str, str | None]:
     """The weight format and activation dtype from `promptstash serve`'s ready line (None if it does not say)."""
-    import re
+    from promptstash.deploy.local import DeploymentError
+    from promptstash.deploy.local import served_format as ready_line_format
 
-    found = re.findall(r"promptstash: serving .*?\((\S+) weights, (\S+) activations", log_text)
-    return {"weights": found[-1][0] if found else None, "dtype": found[-1][1] if found else None}
+    try:
+        weights, dtype = ready_line_format(log_text)
+    except DeploymentError:
+        return {"weights": None, "dtype": None}
+    return {"weights": weights, "dtype": dtype}
 
 
 def serve_has_weights_flag() -> bool:
