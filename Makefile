@@ -59,7 +59,7 @@ test-quick: setup
 peers: setup
 	$(PY) -c "import llama_cpp, llama_cpp.server.app" 2>/dev/null || $(PIP) install --quiet -e ".[peers]"
 
-bench: setup redis peers
+bench: setup redis haproxy peers
 	$(VENV)/bin/promptstash bench prefix --out benchmarks/results
 	$(VENV)/bin/promptstash bench tiers --out benchmarks/results
 	for w in rag system-prompt chat trace; do $(VENV)/bin/promptstash bench $$w --dtype float32 --out benchmarks/results || exit 1; done
@@ -71,6 +71,7 @@ bench: setup redis peers
 	$(VENV)/bin/promptstash bench peers --out benchmarks/results
 	$(VENV)/bin/promptstash bench policies --out benchmarks/results
 	$(VENV)/bin/promptstash bench semantic --out benchmarks/results
+	$(VENV)/bin/promptstash bench cluster --out benchmarks/results
 	$(VENV)/bin/promptstash bench summary --out benchmarks/results
 
 # Ten minutes against a real server subprocess: streaming clients, disconnects, hostile bodies, a Redis

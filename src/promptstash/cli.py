@@ -187,6 +187,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.workload in ("rag", "chat", "system-prompt", "trace"):
         return _bench_workload(args)
+    if args.workload == "cluster":
+        from promptstash.bench import cluster as bench_cluster
+
+        return bench_cluster.main_cli(args)
     if args.workload == "modules":
         from promptstash.bench import modules as bench_modules
 
@@ -282,7 +286,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          model=args.model, baseline=not args.no_baseline)
     else:
         print(f"unknown workload {args.workload!r}; available: prefix, tiers, rag, chat, system-prompt, trace, "
-              "modules, grammar, agent, soak, tenants, peers, perplexity, policies, semantic, summary", file=sys.stderr)
+              "modules, grammar, agent, soak, tenants, peers, perplexity, policies, semantic, cluster, summary",
+              file=sys.stderr)
         return 2
     js, md = module.write(res, Path(args.out))
     print(module.to_markdown(res))
@@ -399,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("serve_args", nargs=argparse.REMAINDER,
                    help="after --: options for every replica's `promptstash serve`, e.g. -- --model DIR")
     b.add_argument("workload", help="prefix | tiers | modules | rag | chat | system-prompt | trace | grammar | agent "
-                   "| soak | peers | perplexity | policies | semantic | summary")
+                   "| soak | peers | perplexity | policies | semantic | cluster | summary")
     b.add_argument("--model", default=None)
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--prefix-lens", type=int, nargs="+", default=[512, 2048, 8192])
@@ -424,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--clients", type=int, default=48, help="soak: concurrent streaming clients")
     b.add_argument("--disconnect-fraction", type=float, default=0.2, help="soak: streams closed mid-stream")
     b.add_argument("--tiny", action="store_true",
-                   help="soak: a tiny random-weight model with the default tokenizer (a quick run)")
+                   help="soak, cluster: a tiny random-weight model with the default tokenizer (a quick run)")
     b.add_argument("--seed", type=int, default=0, help="soak: seed of the request mix")
     b.add_argument("--questions", type=int, default=None, help="modules: questions per workload")
     b.add_argument("--agents", type=int, default=4, help="agent: agents running at once")

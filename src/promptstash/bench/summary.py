@@ -54,8 +54,8 @@ def render(out_dir: Path) -> str:
     reports = {w: _load(out_dir, w) for w in WORKLOADS}
     lines = ["# Benchmark results", "",
              "Produced by `make bench` (`promptstash bench prefix | tiers | rag | chat | system-prompt | trace | "
-             "rag --modules | modules | perplexity | peers | semantic | summary`) on a 2-core x86_64 CPU without a "
-             "GPU: the "
+             "rag --modules | modules | perplexity | peers | semantic | cluster | summary`) on a 2-core x86_64 CPU "
+             "without a GPU: the "
              "default model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF dequantized), float32, torch 2.13.0 CPU. "
              "Every workload measures caching on and off in the same run (off: the same weights with prefix "
              "caching disabled).", ""]
@@ -119,7 +119,7 @@ def render(out_dir: Path) -> str:
                          f"{'yes' if row['valid'] else 'no'} |")
         lines += ["", "Compile times and llguidance vs xgrammar schema coverage: [grammar.md](grammar.md).", ""]
     lines += peers_section(out_dir) + perplexity_section(out_dir) + semantic_section(out_dir)
-    lines += policies_section(out_dir)
+    lines += policies_section(out_dir) + cluster_section(out_dir)
     lines += ["Other results: [prefix caching vs transformers](prefix.md), [tiers](tiers.md), [modules: quality and "
               "speed of every repair strategy](modules.md), [rag with modules](workload-rag-modules.md).", ""]
     return "\n".join(lines)
@@ -233,6 +233,30 @@ def policies_section(out_dir: Path) -> list[str]:
     rec = res["recommendation"]
     lines += ["", f"Defaults from these numbers: eviction={rec['eviction']}, schedule={rec['schedule']}. "
               "Every cell: [policies.md](policies.md), ![policies](policies.png)", ""]
+    return lines
+
+
+def cluster_section(out_dir: Path) -> list[str]:
+    """`bench cluster`: one replica vs three behind HAProxy (affinity, round robin), where the hits came from."""
+    res = _load_json(out_dir / "cluster.json")
+    if res is None:
+        return []
+    from promptstash.bench import cluster
+
+    s = res["setup"]
+    lines = ["## Scale-out: one replica vs three behind HAProxy (`bench cluster`)", "",
+             f"{s['requests']} requests per run, {s['concurrency']} in flight, a fresh cache_salt per run; three "
+             f"replicas share a {s['redis']} as the KV tier. Share of prompt tokens from each replica's pool, from "
+             "Redis and computed (on this 2-core machine throughput cannot scale; where the hits came from is the "
+             "figure):", "",
+             "| workload | configuration | requests per replica | pool | Redis | computed | TTFT p50 (s) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in res["runs"]:
+        sh, ttft = r["shares"], r["ttft_p50_s"]
+        spread = "/".join(str(v["requests"]) for v in r["replicas"].values())
+        lines.append(f"| {r['workload']} | {r['config']} | {spread} | {sh['pool']:.0%} | {sh['redis']:.0%} | "
+                     f"{sh['computed']:.0%} | {'–' if ttft is None else f'{ttft:.2f}'} |")
+    lines += ["", *(f"- {f}" for f in cluster.findings(res)), "", "Per replica: [cluster.md](cluster.md).", ""]
     return lines
 
 
