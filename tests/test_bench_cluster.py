@@ -233,7 +233,7 @@ def test_bench_cluster_smoke_on_a_tiny_model(tmp_path) -> None:
         pytest.skip("haproxy / redis-server are not installed (`make test` installs them)")
     need_data()
     res = cluster.run(cluster.ClusterOptions(requests=4, tiny=True, out=str(tmp_path)), log=lambda _: None)
-    assert res["errors"] == 0 and len(res["runs"]) == 6
+    assert res["errors"] == 0 and len(res["runs"]) == 8  # 2 workloads x 3 configurations + 2 prefix-in-Redis runs
     for r in res["runs"]:
         assert r["ok"] == 4 and r["stats_match_usage"], (r["workload"], r["config"])
         t = r["totals"]
@@ -243,4 +243,24 @@ def test_bench_cluster_smoke_on_a_tiny_model(tmp_path) -> None:
             assert set(r["replicas"]) == {"replica1"}
     rr = next(r for r in res["runs"] if r["workload"] == "chat" and not r["affinity"])
     assert sorted(v["requests"] for v in rr["replicas"].values()) == [1, 1, 2]  # round robin
+    warm = next(r for r in res["runs"] if r["prefix_in_redis"] and not r["affinity"])
+    assert warm["totals"]["redis_tokens"] > 0  # replicas that did not compute the system prompt read it from Redis
     assert "## What this shows" in cluster.to_markdown(res)
+
+
+def test_a_chat_turn_waits_for_its_conversations_previous_turn_and_others_go_ahead() -> None:
+    requests = [BenchRequest([], label) for label in ("conv 0 turn 1", "conv 1 turn 1", "conv 0 turn 2",
+                                                      "conv 2 turn 1")]
+    pending = [0, 1, 2, 3]
+    busy: set[str] = set()
+    assert cluster.next_ready(pending, requests, "chat", busy) == 0
+    busy.add("conv-0")
+    assert cluster.next_ready(pending, requests, "chat", busy) == 1
+    busy.add("conv-1")
+    assert cluster.next_ready(pending, requests, "chat", busy) == 3  # conv 0 turn 2 waits for turn 1
+    assert pending == [2]
+    assert cluster.next_ready(pending, requests, "chat", busy) is None
+    busy.discard("conv-0")
+    assert cluster.next_ready(pending, requests, "chat", busy) == 2
+    system = [BenchRequest([], "question 1"), BenchRequest([], "question 2")]
+    assert cluster.next_ready([0, 1], system, "system-prompt", {"anything"}) == 0  # no conversation: never waits

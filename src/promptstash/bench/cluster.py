@@ -6,7 +6,8 @@ three `promptstash serve` replicas, HAProxy in front) serves every run; between 
 restarted (`set_routing`): "1 replica" routes to replica1 alone. Each (configuration, workload) run sends all its
 requests with its own `cache_salt` (part of every block hash), so every run starts cold in the pools and in Redis
 while the replicas stay up. Requests are replayed closed-loop in the workload's order, `concurrency` in flight, the
-same in every configuration.
+same in every configuration; a chat turn is sent only after its conversation's previous turn has been answered
+(as its user would), the next ready request going ahead meanwhile.
 
 Where the prompt tokens came from, per replica, is read from each replica's GET /v1/cache/stats before and after a
 run (the deltas):
@@ -45,6 +46,11 @@ WORKLOADS = ("chat", "system-prompt")
 # (name, replicas routed to, affinity routing)
 CONFIGS: tuple[tuple[str, int, bool], ...] = (
     ("1 replica", 1, True), ("3 replicas, affinity", 3, True), ("3 replicas, round robin", 3, False))
+# steady state for a shared prefix: before the run, one request has computed the system prompt on one replica and
+# its blocks are in Redis (as when traffic has been flowing, or a replica joins or restarts); system-prompt only
+WARM_CONFIGS: tuple[tuple[str, int, bool], ...] = (
+    ("3 replicas, affinity, prefix in Redis", 3, True), ("3 replicas, round robin, prefix in Redis", 3, False))
+WARM_WORKLOAD = "system-prompt"
 NUM_REPLICAS = 3
 REPLICA_HEADER = "x-promptstash-replica"
 SOURCES = ("pool", "redis", "computed")
@@ -243,28 +249,51 @@ def _send(client: Any, base: str, model: str, req: BenchRequest, max_tokens: int
     return out
 
 
+def next_ready(pending: list[int], requests: Sequence[BenchRequest], workload: str, busy: set[str]) -> int | None:
+    """The first pending request (in workload order) whose conversation has no request in flight, or None.
+
+    NOTE: a user sends a conversation's next turn after reading the previous answer, so a chat turn never
+    overtakes or overlaps an earlier turn of its conversation; requests without a conversation never wait.
+    """
+    for position, i in enumerate(pending):
+        key = affinity_key(workload, requests[i])
+        if key is None or key not in busy:
+            return pending.pop(position)
+    return None
+
+
 def replay(base: str, model: str, workload: str, requests: Sequence[BenchRequest], *, salt: str, concurrency: int,
            max_tokens: int, timeout_s: float = 600.0) -> tuple[list[dict[str, Any]], float]:
-    """Send `requests` in order, `concurrency` in flight (closed loop). Returns (records by index, wall seconds)."""
+    """Send `requests` in order, `concurrency` in flight (closed loop; a chat turn waits for its conversation's
+    previous turn, see next_ready). Returns (records by index, wall seconds)."""
     import httpx
 
-    todo = iter(enumerate(requests))
-    lock = threading.Lock()
+    pending = list(range(len(requests)))
+    busy: set[str] = set()
+    ready = threading.Condition()
     records: list[dict[str, Any]] = []
     with httpx.Client(timeout=timeout_s) as client:
         t0 = time.perf_counter()
 
         def worker() -> None:
             while True:
-                with lock:
-                    item = next(todo, None)
-                if item is None:
-                    return
-                i, req = item
-                key = affinity_key(workload, req)
+                with ready:
+                    while (i := next_ready(pending, requests, workload, busy)) is None:
+                        if not pending:
+                            return
+                        ready.wait()
+                    req = requests[i]
+                    key = affinity_key(workload, req)
+                    if key is not None:
+                        busy.add(key)
                 start = time.perf_counter() - t0
-                r = _send(client, base, model, req, max_tokens, salt, key)
-                with lock:
+                try:
+                    r = _send(client, base, model, req, max_tokens, salt, key)
+                finally:
+                    with ready:
+                        busy.discard(key or "")
+                        ready.notify_all()
+                with ready:
                     records.append({"index": i, "label": req.label, "key": key, **r, "start_s": start,
                                     "end_s": time.perf_counter() - t0})
 
@@ -285,6 +314,32 @@ def _stats(url: str) -> dict[str, Any]:
         raise ClusterBenchError(f"{url}/v1/cache/stats answered {r.status_code} without the pool and tiers "
                                 f"(a replica with API keys needs an admin key): {r.text[:300]}")
     return r.json()
+
+
+def _settle_writes(replicas: Sequence[Any], timeout_s: float = 60.0) -> None:
+    """Wait until no replica's count of Redis writes moves (its write-through queue is drained)."""
+    last: list[int] | None = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = [int(_tier(_stats(r.url), "redis").get("num_writes", 0)) for r in replicas]
+        if now == last:
+            return
+        last = now
+        time.sleep(0.5)
+    raise ClusterBenchError("the replicas' Redis writes did not settle")
+
+
+def _compute_prefix_once(base: str, model: str, req: BenchRequest, salt: str, replicas: Sequence[Any]) -> str:
+    """Send one request of the run (its salt) through HAProxy and wait for its blocks to reach Redis; the replica
+    that computed it."""
+    import httpx
+
+    with httpx.Client(timeout=300) as client:
+        got = _send(client, base, model, req, 1, salt, None)
+    if got["error"]:
+        raise ClusterBenchError(f"the request computing the shared prefix failed: {got['error']}")
+    _settle_writes(replicas)
+    return str(got["replica"])
 
 
 def _warm_up(replicas: Sequence[Any], model: str, log: Callable[[str], None]) -> None:
@@ -411,11 +466,17 @@ def run(options: ClusterOptions | None = None, log: Callable[[str], None] = prin
         _warm_up(deployment.replicas, model, log)
         bench_t0 = time.perf_counter()
         busy0, own0 = machine_busy_s(), process_cpu_s(own_pids())
-        for config, num, affinity in CONFIGS:
+        plan = [(c, False) for c in CONFIGS] + [(c, True) for c in WARM_CONFIGS]
+        for (config, num, affinity), warm in plan:
             deployment.set_routing(affinity, num_replicas=num)
             routed = deployment.replicas[:num]
             for name, workload in workloads.items():
+                if warm and name != WARM_WORKLOAD:
+                    continue
                 salt = f"bench-cluster-{uuid.uuid4().hex}"
+                computed_by = None
+                if warm:
+                    computed_by = _compute_prefix_once(deployment.url, model, workload.requests[-1], salt, routed)
                 before = {r.name: _stats(r.url) for r in routed}
                 records, wall = replay(deployment.url, model, name, workload.requests, salt=salt,
                                        concurrency=options.concurrency, max_tokens=options.max_tokens)
@@ -424,7 +485,8 @@ def run(options: ClusterOptions | None = None, log: Callable[[str], None] = prin
                 splits = {r.name: source_split(before[r.name], after[r.name]) for r in routed}
                 summary = summarize_run(records, splits, wall)
                 runs.append({"workload": name, "config": config, "num_replicas": num, "affinity": affinity,
-                             "salt": salt, **summary, "records": records})
+                             "prefix_in_redis": warm, "prefix_computed_by": computed_by, "salt": salt, **summary,
+                             "records": records})
                 spread = "/".join(str(summary["replicas"].get(r.name, {}).get("requests", 0)) for r in routed)
                 sh = summary["shares"]
                 log(f"[{name} | {config}] {summary['ok']}/{summary['requests']} ok in {wall:.1f} s; requests per "
@@ -450,7 +512,7 @@ def run(options: ClusterOptions | None = None, log: Callable[[str], None] = prin
                   "weights": weights, "dtype": dtype, "tiny": options.tiny, "replicas": NUM_REPLICAS,
                   "threads_per_replica": deployment.threads, "redis": "3-master Redis Cluster",
                   "requests": options.requests, "concurrency": options.concurrency,
-                  "max_tokens": options.max_tokens, "configs": [c[0] for c in CONFIGS],
+                  "max_tokens": options.max_tokens, "configs": [c[0] for c in CONFIGS + WARM_CONFIGS],
                   "affinity_keys": {"chat": "prompt_cache_key = the conversation (\"conv-N\")",
                                     "system-prompt": "none: HAProxy hashes the first 1024 bytes of the system prompt"},
                   "haproxy": "deploy/haproxy.cfg: consistent hashing, hash-balance-factor 150"},
@@ -534,6 +596,18 @@ def findings(res: dict[str, Any]) -> list[str]:
                  f"{' / '.join(_s(r['ttft_p90_s']) for r in runs)} s; throughput "
                  + " / ".join(f"{r['requests_per_s']:.2f}" for r in runs) + " requests/s.")
         out.append(text)
+    cold_rr = _find(res, WARM_WORKLOAD, CONFIGS[2][0])
+    for config, _, _ in WARM_CONFIGS:
+        r = _find(res, WARM_WORKLOAD, config)
+        if r is None or cold_rr is None:
+            continue
+        t, sh = r["totals"], r["shares"]
+        out.append(f"**{WARM_WORKLOAD}, {config}** (one request computed the system prompt on "
+                   f"{r.get('prefix_computed_by')} before the run, so its blocks were in Redis): from Redis "
+                   f"{_pct(sh['redis'])} ({t.get('redis_loaded_blocks', 0)} blocks loaded), pool {_pct(sh['pool'])}, "
+                   f"computed {_pct(sh['computed'])} (cold round robin: {_pct(cold_rr['shares']['computed'])}); TTFT "
+                   f"p50 {_s(r['ttft_p50_s'])} s, p90 {_s(r['ttft_p90_s'])} s (cold round robin: "
+                   f"{_s(cold_rr['ttft_p50_s'])} / {_s(cold_rr['ttft_p90_s'])} s).")
     s, cpus = res["setup"], res.get("machine", {}).get("cpus")
     threads = s.get("threads_per_replica")
     if threads and cpus and threads < cpus:
@@ -560,7 +634,9 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"{res['bench_s']:.0f} s, in all {res['elapsed_s']:.0f} s.", "",
         f"Each run: {s['requests']} requests of one workload, closed loop, {s['concurrency']} in flight, "
         f"{s['max_tokens']} output tokens (greedy, ignore_eos), in the same order in every configuration, with its "
-        "own `cache_salt` (cold pools and cold Redis at its start; the replicas stay up). \"1 replica\" = HAProxy "
+        "own `cache_salt` (cold pools and cold Redis at its start, except the \"prefix in Redis\" runs, where one "
+        "request of the run (not counted) has computed the shared system prompt on one replica and its blocks are "
+        "in Redis, as in steady traffic or when a replica joins; the replicas stay up). \"1 replica\" = HAProxy "
         f"routes to replica1 alone: the same process, with its {_threads(s)}. Affinity keys: chat: "
         f"{s['affinity_keys']['chat']}; system-prompt: {s['affinity_keys']['system-prompt']}.", "",
         "Sources of prompt tokens per replica, from /v1/cache/stats deltas: **Redis** = blocks loaded from Redis x "
