@@ -3,6 +3,7 @@ routing) sharing KV through a real 3-master Redis Cluster, driven with the offic
 
 - the same prompt_cache_key lands on one replica, and its second request is a pool hit there;
 - another key lands on another replica, which finds the blocks in Redis: output identical to a cold computation;
+- a consumer of the KV events stream rebuilds each replica's stored block set, equal to the replica's own summary;
 - a replica killed mid-run is taken out by the health check; its traffic is served by the others, no request fails.
 
 Replicas run float32 weights and activations, where reuse is exact (logits within 1e-4, identical greedy tokens).
@@ -17,8 +18,10 @@ import uuid
 import httpx
 import openai
 import pytest
+import redis
 from real_model_helpers import SYSTEM, require_default_model
 
+from promptstash.cache.events import STREAM, digest, replay_events
 from promptstash.deploy.haproxy import haproxy_binary
 from promptstash.deploy.local import LocalDeployment, free_port, redis_cli_binary, redis_server_binary
 
@@ -34,7 +37,7 @@ HEADER = "x-promptstash-replica"
 def deployment(tmp_path_factory):
     require_default_model()
     work = tmp_path_factory.mktemp("cluster")
-    d = LocalDeployment(3, work_dir=work, port=free_port(), redis_url="cluster", threads=1,
+    d = LocalDeployment(3, work_dir=work, port=free_port(), redis_url="cluster", threads=1, kv_events=True,
                         serve_args=["--weights", "float32", "--dtype", "float32", "--kv-cache-tokens", "8192"])
     with d:
         yield d
@@ -110,6 +113,24 @@ def test_a_stream_through_haproxy_arrives_chunk_by_chunk(client) -> None:
                                             max_tokens=8, temperature=0, stream=True, prompt_cache_key="stream")
     chunks = [c for c in stream if c.choices and c.choices[0].delta.content]
     assert len(chunks) >= 2
+
+
+def test_a_consumer_of_the_kv_events_stream_rebuilds_each_replicas_block_set(deployment, client) -> None:
+    ask(client, "Review: class A: pass", "events")  # traffic of its own, whatever ran before
+    assert deployment.events_url is not None
+    stream = redis.Redis.from_url(deployment.events_url)
+    deadline = time.monotonic() + 30
+    while True:
+        state = replay_events(stream.xrange(STREAM))  # raises on a gap in any replica's chain
+        summaries = [httpx.get(r.url + "/v1/cache/blocks/summary", timeout=30).json() for r in deployment.replicas]
+        if all(state.get(s["replica"]) is not None and digest(state[s["replica"]]) == s["digest"]
+               for s in summaries) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # a batch is sent every 50 ms
+    for summary in summaries:
+        assert digest(state[summary["replica"]]) == summary["digest"], summary["replica"]
+    assert {s["replica"] for s in summaries} == {"replica1", "replica2", "replica3"}
+    assert sum(s["num_blocks"] for s in summaries) > 100  # the ~1,100-token system prompt, on two replicas at least
 
 
 def test_a_replica_killed_mid_run_is_taken_out_and_the_others_serve_its_traffic(deployment, client) -> None:
