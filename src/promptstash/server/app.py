@@ -4,7 +4,8 @@
 
 Every response carries x-promptstash-replica: the replica's name (--replica-id, else hostname:port), the name its KV
 events and blocks summary use. A server with a Redis KV tier claims that Redis for its model at start
-(cache/tiers/claim.py): create_app raises ModelMismatchError when replicas of another model hold it."""
+(cache/tiers/claim.py): create_app raises ModelMismatchError when replicas of another model hold it. The Responses
+API's stored responses live in that Redis too (response_store_for), so any replica answers a follow-up."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from promptstash.server.errors import APIError, error_response
 from promptstash.server.loop import EngineLoop
 from promptstash.server.metrics import ServerStats
 from promptstash.server.openapi import build_openapi
+from promptstash.server.response_store import ResponseStorage, ResponseStore
+from promptstash.server.response_store_redis import RedisResponseStore
 from promptstash.server.state import ServerState, model_name_for
 
 log = logging.getLogger("promptstash.server")
@@ -114,6 +117,14 @@ class MetricsListener:
         self.thread.join(timeout=10)
 
 
+def response_store_for(engine: Engine) -> ResponseStorage:
+    """Where the Responses API keeps stored responses: the engine's shared Redis when it has one (and prefix caching,
+    as for the KV tier), so every replica finds them; else this process's memory."""
+    if engine.config.redis_url and engine.config.enable_prefix_caching:
+        return RedisResponseStore(engine.config.redis_url)
+    return ResponseStore()
+
+
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     """An app serving `engine`. The engine thread (and the --metrics-port listener, and the model claim's refresh
     thread) start and stop with the app's lifespan.
@@ -139,6 +150,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         except ModelMismatchError:
             claim.stop()
             raise
+    responses = response_store_for(engine)
     kv_events = None
     if config.kv_events_url:  # KV events for external routers (cache/events.py; README "KV events")
         kv_events = KVEventSink(RedisStreamPublisher(config.kv_events_url), replica)
@@ -166,6 +178,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
                 await asyncio.to_thread(kv_events.close)  # ["cleared"]: this replica's blocks are gone
             if claim is not None:
                 await asyncio.to_thread(claim.stop)
+            await asyncio.to_thread(responses.close)
 
     app = PromptstashApp(replica, title="promptstash", lifespan=lifespan, docs_url=None, redoc_url=None,
                          openapi_url="/openapi.json")
@@ -265,5 +278,5 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     modules_api.register(app, state)
     tokens_api.register(app, state)
     web.register(app, state)
-    responses_api.register(app, state)
+    responses_api.register(app, state, responses)
     return app

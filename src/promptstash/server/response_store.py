@@ -1,6 +1,10 @@
 """Stored responses of POST /v1/responses (`store: true`, the default), for GET / DELETE /v1/responses/{id} and
 for `previous_response_id` follow-ups.
 
+Two stores keep this contract (the ResponseStorage protocol below): ResponseStore here, in this
+process's memory, and response_store_redis.RedisResponseStore, shared by every replica pointing at one Redis
+(create_app uses it when the engine has a Redis URL and prefix caching; it states its differences).
+
 CONTRACT
 - In memory only: a restart forgets every stored response (a follow-up then gets a 404 and must resend its
   history as input items).
@@ -11,7 +15,9 @@ CONTRACT
 - A stored response keeps its whole conversation (`messages`: earlier turns, this turn's input and its output),
   so a follow-up renders it without walking a chain of responses that may have been forgotten. Messages are
   immutable and shared between the responses of one conversation, so a long chain costs references, not copies.
-- Thread-safe: the server reads it from worker threads and writes it from the event loop.
+- Never raises on a store, lookup or delete (an unknown, expired or unreadable response is None / False).
+- Thread-safe. The server calls every store from worker threads (asyncio.to_thread), never on the event loop:
+  NOTE: a shared store's calls wait on the network.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from promptstash.prompts import ChatMessage
 
@@ -33,9 +39,24 @@ DEFAULT_MAX_AGE_S = 24 * 3600.0
 class StoredResponse:
     id: str
     tenant: str
-    created: float  # the store's clock (seconds) when it was put
+    created: float  # when it was put, on the store's clock (seconds; the Redis store's: Unix time)
     body: dict[str, Any]  # the response object as returned (GET returns it)
     messages: tuple[ChatMessage, ...]  # the conversation so far, this response's output included (no instructions)
+
+
+class ResponseStorage(Protocol):
+    """What the Responses API needs of a store (the module docstring's contract)."""
+
+    def __len__(self) -> int: ...
+
+    def put(self, tenant: str, response_id: str, body: dict[str, Any], messages: tuple[ChatMessage, ...]
+            ) -> StoredResponse: ...
+
+    def get(self, tenant: str, response_id: str) -> StoredResponse | None: ...
+
+    def delete(self, tenant: str, response_id: str) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class ResponseStore:
@@ -74,6 +95,9 @@ class ResponseStore:
         with self._lock:
             self._expire()
             return self._items.pop((tenant, response_id), None) is not None
+
+    def close(self) -> None:
+        """Nothing to release (the Redis store closes its connections)."""
 
     def _expire(self) -> None:
         oldest_kept = self._clock() - self.max_age_s

@@ -7,9 +7,11 @@ The output is split into a message item (output_text) and function_call items at
 `<tool_call>...</tool_call>` markers, the same way streamed and not.
 
 Stored conversations (`store`, default true; response_store.py): the response, with its whole conversation, is
-kept per tenant, in memory, bounded in count and age. A follow-up with `previous_response_id` renders that
-conversation plus its new input (instructions and tools are the follow-up's own, as OpenAI does), so its prompt
-extends the earlier one and reuses its cached prefix. Another tenant's id is a 404, as an unknown one.
+kept per tenant, bounded in age (and, in memory, in count): in this process's memory, or, with a shared Redis, in
+Redis for every replica (response_store_redis.py; memory then keeps a copy for when Redis is down). A follow-up
+with `previous_response_id` renders that conversation plus its new input (instructions and tools are the
+follow-up's own, as OpenAI does), so its prompt extends the earlier one and reuses its cached prefix. Another
+tenant's id is a 404, as an unknown one.
 
 Tools: parallel calls only with `parallel_tool_calls: true` (the response echoes the value in effect; small
 models otherwise repeat a call until max_output_tokens), and then a repeated call ends the output and is dropped.
@@ -43,7 +45,7 @@ from promptstash.errors import ContextLengthError, InvalidRequestError
 from promptstash.prompts import ChatMessage, TextBlock
 from promptstash.server.common import SSE_HEADERS, new_request_id, sse, submit
 from promptstash.server.errors import APIError
-from promptstash.server.response_store import ResponseStore
+from promptstash.server.response_store import ResponseStorage, ResponseStore
 from promptstash.server.state import ServerState, cache_namespace, registry_namespace, wait_for_completion
 from promptstash.server.validate import Body, parse_json_object, type_name
 from promptstash.tools import ArgsDelta, CallEnd, CallStart, TextDelta, ToolCall, ToolCallStream, ToolDef
@@ -329,7 +331,7 @@ def _check_unsupported(body: Body) -> None:
         body.str(name)
 
 
-def _prepare(state: ServerState, store: ResponseStore, raw: bytes, tenant: str) -> _Prepared:
+def _prepare(state: ServerState, store: ResponseStorage, raw: bytes, tenant: str) -> _Prepared:
     """Body bytes -> a prepared request: validation, the stored history, rendering, tokenizing and the grammar's
     compilation. Runs on a worker thread: none of it may hold up the event loop."""
     body = Body(parse_json_object(raw, state.config.max_body_bytes))
@@ -535,9 +537,10 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 
 # -- routes ----------------------------------------------------------------------------------------------------
 
-def register(app: FastAPI, state: ServerState, store: ResponseStore | None = None) -> ResponseStore:
-    """Add the routes; the store (a new one unless given) is returned and kept as app.state.responses."""
-    store = store or ResponseStore()
+def register(app: FastAPI, state: ServerState, store: ResponseStorage | None = None) -> ResponseStorage:
+    """Add the routes; the store (a new in-memory one unless given) is returned and kept as app.state.responses.
+    NOTE: every store call runs on a worker thread: a shared store waits on Redis."""
+    store = store if store is not None else ResponseStore()  # NOTE: not `or`: an empty store is falsy (len 0)
     app.state.responses = store
 
     @app.post("/v1/responses")
@@ -552,7 +555,7 @@ def register(app: FastAPI, state: ServerState, store: ResponseStore | None = Non
         tenant = state.tenant(request)
         if request.query_params.get("stream", "false").lower() not in ("false", "0"):
             raise APIError(400, "stream: a stored response cannot be streamed again", param="stream")
-        stored = store.get(tenant, response_id)
+        stored = await asyncio.to_thread(store.get, tenant, response_id)
         if stored is None:
             raise APIError(404, f"response {response_id[:80]!r} not found", param="response_id")
         return JSONResponse(stored.body)
@@ -560,14 +563,14 @@ def register(app: FastAPI, state: ServerState, store: ResponseStore | None = Non
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(request: Request, response_id: str):
         tenant = state.tenant(request)
-        if not store.delete(tenant, response_id):
+        if not await asyncio.to_thread(store.delete, tenant, response_id):
             raise APIError(404, f"response {response_id[:80]!r} not found", param="response_id")
         return {"id": response_id, "object": "response", "deleted": True}
 
     return store
 
 
-async def _respond(state: ServerState, store: ResponseStore, request: Request, p: _Prepared):
+async def _respond(state: ServerState, store: ResponseStorage, request: Request, p: _Prepared):
     sampling = p.sampling
     if not p.max_tokens_given:  # as OpenAI does: never more than the context window leaves
         room = max(1, state.engine.max_model_len - len(p.token_ids))
@@ -589,12 +592,12 @@ async def _respond(state: ServerState, store: ResponseStore, request: Request, p
                 "model": p.model, "output": output, "usage": usage_json(usage) if usage is not None else None,
                 **p.echo}
 
-    def finished(out: _Output, usage: Usage, reason: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def finished(out: _Output, usage: Usage, reason: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         status = "completed" if reason == "stop" else "incomplete"
         events = out.finish(status)
         result = body(status, out.items, usage)
         if p.store:
-            store.put(p.tenant, response_id, result, (*p.conversation, out.message()))
+            await asyncio.to_thread(store.put, p.tenant, response_id, result, (*p.conversation, out.message()))
         return result, events
 
     if not p.stream:
@@ -606,7 +609,7 @@ async def _respond(state: ServerState, store: ResponseStore, request: Request, p
         state.stats.record("responses", completion, p.tenant)
         out = _Output(p.parse_calls, p.tool_names)
         out.feed(completion.text, last=True)
-        result, _ = finished(out, completion.usage, completion.finish_reason)
+        result, _ = await finished(out, completion.usage, completion.finish_reason)
         return JSONResponse(result, headers=headers)
 
     async def events() -> AsyncIterator[str]:
@@ -632,7 +635,7 @@ async def _respond(state: ServerState, store: ResponseStore, request: Request, p
                 return
             state.stats.record("responses", completion, p.tenant)
             flushed = out.feed("", last=True)
-            result, closing = finished(out, completion.usage, reason)
+            result, closing = await finished(out, completion.usage, reason)
             for e in [*flushed, *closing]:
                 yield event(e)
             kind = "response.completed" if result["status"] == "completed" else "response.incomplete"

@@ -9,6 +9,8 @@ num_failed_reads / num_failed_writes, and one warning is logged per outage (not 
 tier does not touch the network again until retry_interval_s has passed, so a dead Redis costs nothing on the
 request path; the first call after that probes Redis again, and when it answers the tier logs "reconnected" and
 carries on. Construction never connects, so it never fails because Redis is down (a malformed URL still raises).
+RedisGuard holds that part of the contract (back-off, one warning per outage, reconnect) for any user of a shared
+Redis: this tier and the Responses API's shared store (server/response_store_redis.py).
 
 Redis Cluster: a URL redis+cluster://HOST:PORT[,HOST:PORT...] (rediss+cluster:// for TLS; [USER:PASSWORD@] before the
 first node) uses redis-py's RedisCluster; the nodes listed are only where the client learns the topology. Each key is
@@ -78,35 +80,34 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str 
     return nodes, username, password, scheme == "rediss+cluster://"
 
 
-class RedisTier:
-    name = "redis"
+class RedisGuard:
+    """A Redis client whose calls never raise for backend trouble: the module docstring's contract (back-off for
+    retry_interval_s after a failure, one warning per outage, an info line when Redis answers again), for any user
+    of a shared Redis. `label` names the user in those lines ("Redis tier at HOST:PORT/0 is unavailable ...").
 
-    def __init__(self, url: str, *, key_prefix: str = "promptstash:kv:", default_ttl_s: float | None = 3600.0,
-                 retry_interval_s: float = 5.0, socket_timeout_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.key_prefix = key_prefix
-        self.default_ttl_s = default_ttl_s  # used when put() gets ttl_s=None; None here = no expiry
+    Construction connects only for a cluster (see connect()). Thread-safe.
+    """
+
+    def __init__(self, url: str, *, label: str, logger: logging.Logger = log, retry_interval_s: float = 5.0,
+                 socket_timeout_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.label = label
+        self.logger = logger
         self.retry_interval_s = retry_interval_s
         self.clock = clock
         self.cluster = url.startswith(CLUSTER_SCHEMES)
-        self._client = connect(url, socket_timeout_s)
-        self._where = describe(url)
+        self.client = connect(url, socket_timeout_s)
+        self.where = describe(url)
         self._lock = threading.Lock()
-        self._stats = TierStats(self.name)
         self._down_until: float | None = None  # while set and in the future, calls skip the network
         self._outage = False  # a warning was logged and no call has succeeded since
 
-    # -- helpers ---------------------------------------------------------------------------------
-    def _key(self, block_hash: bytes) -> str:
-        return f"{self.key_prefix}{{{block_hash.hex()}}}"
-
-    def _backing_off(self) -> bool:
+    def backing_off(self) -> bool:
         with self._lock:
             return self._down_until is not None and self.clock() < self._down_until
 
-    def _call(self, op: Callable[[], T]) -> tuple[bool, T | None]:
+    def call(self, op: Callable[[], T]) -> tuple[bool, T | None]:
         """(True, result) of a Redis call, or (False, None) if Redis is failing or backed off (never raises)."""
-        if self._backing_off():
+        if self.backing_off():
             return False, None
         try:
             result = op()
@@ -117,7 +118,7 @@ class RedisTier:
             self._down_until = None
             recovered, self._outage = self._outage, False
         if recovered:
-            log.info("Redis tier at %s reconnected", self._where)
+            self.logger.info("%s at %s reconnected", self.label, self.where)
         return True, result
 
     def _failed(self, exc: BaseException) -> None:
@@ -125,15 +126,52 @@ class RedisTier:
             self._down_until = self.clock() + self.retry_interval_s
             first, self._outage = not self._outage, True
         if first:
-            log.warning("Redis tier at %s is unavailable (%s: %s); retrying every %.3g s, further errors are "
-                        "counted, not logged", self._where, type(exc).__name__, exc, self.retry_interval_s)
+            self.logger.warning("%s at %s is unavailable (%s: %s); retrying every %.3g s, further errors are "
+                                "counted, not logged", self.label, self.where, type(exc).__name__, exc,
+                                self.retry_interval_s)
         try:  # drop idle connections: after a restart they are stale, and the next probe should dial afresh
             if self.cluster:
-                self._client.disconnect_connection_pools()
+                self.client.disconnect_connection_pools()
             else:
-                self._client.connection_pool.disconnect(inuse_connections=False)
+                self.client.connection_pool.disconnect(inuse_connections=False)
         except BACKEND_ERRORS:
             pass
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+            if not self.cluster:
+                self.client.connection_pool.disconnect()
+        except BACKEND_ERRORS:
+            pass
+
+
+class RedisTier:
+    name = "redis"
+
+    def __init__(self, url: str, *, key_prefix: str = "promptstash:kv:", default_ttl_s: float | None = 3600.0,
+                 retry_interval_s: float = 5.0, socket_timeout_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.key_prefix = key_prefix
+        self.default_ttl_s = default_ttl_s  # used when put() gets ttl_s=None; None here = no expiry
+        self._guard = RedisGuard(url, label="Redis tier", retry_interval_s=retry_interval_s,
+                                 socket_timeout_s=socket_timeout_s, clock=clock)
+        self.cluster = self._guard.cluster
+        self._client = self._guard.client
+        self._call = self._guard.call
+        self._lock = threading.Lock()
+        self._stats = TierStats(self.name)
+
+    @property
+    def retry_interval_s(self) -> float:
+        return self._guard.retry_interval_s
+
+    @retry_interval_s.setter
+    def retry_interval_s(self, seconds: float) -> None:
+        self._guard.retry_interval_s = seconds
+
+    def _key(self, block_hash: bytes) -> str:
+        return f"{self.key_prefix}{{{block_hash.hex()}}}"
 
     # -- Tier ------------------------------------------------------------------------------------
     def get(self, block_hash: bytes) -> bytes | None:
@@ -215,12 +253,7 @@ class RedisTier:
             return TierStats(**self._stats.__dict__)
 
     def close(self) -> None:
-        try:
-            self._client.close()
-            if not self.cluster:
-                self._client.connection_pool.disconnect()
-        except BACKEND_ERRORS:
-            pass
+        self._guard.close()
 
 
 def connect(url: str, socket_timeout_s: float = 1.0) -> redis.Redis | RedisCluster:
