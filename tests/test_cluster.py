@@ -3,6 +3,7 @@ routing) sharing KV through a real 3-master Redis Cluster, driven with the offic
 
 - the same prompt_cache_key lands on one replica, and its second request is a pool hit there;
 - another key lands on another replica, which finds the blocks in Redis: output identical to a cold computation;
+- a Responses API chain continues on another replica (stored responses are shared through Redis);
 - a consumer of the KV events stream rebuilds each replica's stored block set, equal to the replica's own summary;
 - a replica killed mid-run is taken out by the health check; its traffic is served by the others, no request fails.
 
@@ -23,7 +24,7 @@ from real_model_helpers import SYSTEM, require_default_model
 
 from promptstash.cache.events import STREAM, digest, replay_events
 from promptstash.deploy.haproxy import haproxy_binary
-from promptstash.deploy.local import LocalDeployment, free_port, redis_cli_binary, redis_server_binary
+from promptstash.deploy.local import LocalDeployment, redis_cli_binary, redis_server_binary
 
 pytestmark = [
     pytest.mark.slow, pytest.mark.real_model, pytest.mark.timeout(600),
@@ -37,7 +38,7 @@ HEADER = "x-promptstash-replica"
 def deployment(tmp_path_factory):
     require_default_model()
     work = tmp_path_factory.mktemp("cluster")
-    d = LocalDeployment(3, work_dir=work, port=free_port(), redis_url="cluster", threads=1, kv_events=True,
+    d = LocalDeployment(3, work_dir=work, port=0, redis_url="cluster", threads=1, kv_events=True,
                         serve_args=["--weights", "float32", "--dtype", "float32", "--kv-cache-tokens", "8192"])
     with d:
         yield d
@@ -113,6 +114,25 @@ def test_a_stream_through_haproxy_arrives_chunk_by_chunk(client) -> None:
                                             max_tokens=8, temperature=0, stream=True, prompt_cache_key="stream")
     chunks = [c for c in stream if c.choices and c.choices[0].delta.content]
     assert len(chunks) >= 2
+
+
+def test_a_responses_chain_continues_on_another_replica(client) -> None:
+    first = client.responses.with_raw_response.create(
+        model="default", instructions=SYSTEM, input="My module is called ledger.py. Reply OK.", max_output_tokens=4,
+        temperature=0, prompt_cache_key="chain-a")
+    home, stored = first.headers[HEADER], first.parse()
+    other_key = next(k for k in (f"chain-{i}" for i in range(64)) if replica_for(client, k) != home)
+    # NOTE: instructions are not carried over by previous_response_id (OpenAI's rule): a client sends them again
+    follow = client.responses.with_raw_response.create(
+        model="default", instructions=SYSTEM, input="What is my module called?", previous_response_id=stored.id,
+        max_output_tokens=8, temperature=0, prompt_cache_key=other_key)
+    answer = follow.parse()
+    assert follow.headers[HEADER] != home
+    assert answer.previous_response_id == stored.id
+    # the whole conversation was rendered there: the first turn's tokens plus this one's, the prefix from Redis
+    assert answer.usage.input_tokens > stored.usage.input_tokens + stored.usage.output_tokens
+    assert answer.usage.input_tokens_details.cached_tokens >= 1000
+    assert client.responses.retrieve(stored.id).id == stored.id  # GET, wherever it lands
 
 
 def test_a_consumer_of_the_kv_events_stream_rebuilds_each_replicas_block_set(deployment, client) -> None:

@@ -434,7 +434,7 @@ def _load_average() -> list[float] | None:
 def run(options: ClusterOptions | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Start the deployment (3 replicas, Redis Cluster, HAProxy), run every workload in every configuration, and
     return the result (see to_markdown). Failed requests are counted in each run's `errors` (the CLI fails)."""
-    from promptstash.deploy.local import LocalDeployment, free_port, served_format
+    from promptstash.deploy.local import LocalDeployment, served_format
 
     options = options or ClusterOptions()
     started = time.perf_counter()
@@ -450,7 +450,7 @@ def run(options: ClusterOptions | None = None, log: Callable[[str], None] = prin
         serve_args += ["--model", options.model]
     workloads = {name: build(name, options.requests) for name in options.workloads}
     load_before = _load_average()
-    deployment = LocalDeployment(NUM_REPLICAS, work_dir=work, port=free_port(), redis_url="cluster",
+    deployment = LocalDeployment(NUM_REPLICAS, work_dir=work, port=0, redis_url="cluster",
                                  serve_args=serve_args, log=lambda m: log(f"deploy: {m}"))
     runs: list[dict[str, Any]] = []
     ok = False

@@ -364,10 +364,11 @@ class LocalDeployment:
             d.set_routing(affinity=False)              # HAProxy restarted with round robin, replicas untouched
 
     redis: "cluster" (a 3-master Redis Cluster, the KV tier), "single" (one redis-server), "none" (no shared
-    tier), or a redis:// / redis+cluster:// URL of a Redis already running. kv_events: replicas publish KV events
-    to a plain redis-server started for them (README "KV events"). serve_args go to every replica's
-    `promptstash serve` (e.g. ["--model", DIR]); threads: each replica's torch threads (default: the cores
-    shared out).
+    tier), or a redis:// / redis+cluster:// URL of a Redis already running. port: HAProxy's (replicas take the next
+    ones); 0 = free ports, chosen as each process starts (and chosen again if another process takes one first).
+    kv_events: replicas publish KV events to a plain redis-server started for them (README "KV events").
+    serve_args go to every replica's `promptstash serve` (e.g. ["--model", DIR]); threads: each replica's torch
+    threads (default: the cores shared out).
     """
 
     def __init__(self, num_replicas: int, *, work_dir: str | Path, port: int = 8000, redis_url: str = "cluster",
@@ -378,14 +379,16 @@ class LocalDeployment:
             raise DeploymentError("--replicas must be at least 1")
         self.num_replicas = num_replicas
         self.work_dir = Path(work_dir)
-        self.port = port
+        self.port = port  # 0: any free port (chosen when HAProxy starts)
+        self._own_port = port != 0
+        self._own_stats_port = stats_port is not None
         self.redis_mode = redis_url
         self.affinity = affinity
         self.kv_events = kv_events
         self.serve_args = list(serve_args)
         self.threads = threads or max(1, (os.cpu_count() or 1) // num_replicas)
         self.start_timeout_s = start_timeout_s
-        self.stats_port = stats_port or free_port([port])
+        self.stats_port = stats_port or 0
         self.log = log
         self.redis_url: str | None = None
         self.events_url: str | None = None
@@ -407,12 +410,8 @@ class LocalDeployment:
                                   "installs it)")
         try:
             self._start_redis()
-            taken = [self.port, self.stats_port]
             for i in range(self.num_replicas):
-                port = self.port + 1 + i
-                if not port_is_free(port):
-                    port = free_port(taken)
-                taken.append(port)
+                port = self.port + 1 + i if self.port else 0  # 0: chosen as it starts
                 self.replicas.append(ReplicaProcess(f"replica{i + 1}", port,
                                                     self.work_dir / f"replica{i + 1}.log"))
             pending = self.replicas
@@ -437,11 +436,23 @@ class LocalDeployment:
             raise
         return self
 
-    def _wait_ready(self, replica: ReplicaProcess) -> None:
-        assert replica.proc is not None
-        took = wait_http(replica.url + "/health", replica.proc, self.start_timeout_s, replica.log_path,
-                         f"replica {replica.name}")
-        self.log(f"{replica.name} ready at {replica.url} ({took:.0f} s)")
+    def _wait_ready(self, replica: ReplicaProcess, attempts: int = 3) -> None:
+        """Wait for a started replica; one that lost its port to another process while it loaded (EADDRINUSE) is
+        started again on another port."""
+        for attempt in range(attempts):
+            assert replica.proc is not None
+            try:
+                took = wait_http(replica.url + "/health", replica.proc, self.start_timeout_s, replica.log_path,
+                                 f"replica {replica.name}")
+            except DeploymentError as exc:
+                if attempt + 1 == attempts or "address already in use" not in str(exc):
+                    raise
+                self.log(f"{replica.name}: port {replica.port} was taken while it loaded; starting it again")
+                replica.port = 0
+                self.start_replica(replica)
+                continue
+            self.log(f"{replica.name} ready at {replica.url} ({took:.0f} s)")
+            return
 
     def _start_redis(self) -> None:
         mode = self.redis_mode
@@ -480,6 +491,8 @@ class LocalDeployment:
         """Start (or restart) one replica; does not wait for it."""
         if replica.alive:
             return
+        if not replica.port or not port_is_free(replica.port):
+            replica.port = free_port([self.port, self.stats_port, *(r.port for r in self.replicas)])
         with open(replica.log_path, "ab") as log:
             replica.proc = subprocess.Popen(self.replica_command(replica), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -492,10 +505,22 @@ class LocalDeployment:
         if self.haproxy is not None:
             self.haproxy.stop()
         routed = self.replicas[:num_replicas] if num_replicas else self.replicas
-        config = HAProxyConfig(tuple(Replica(r.name, HOST, r.port) for r in routed),
-                               bind=f"{HOST}:{self.port}", affinity=affinity, stats_bind=f"{HOST}:{self.stats_port}")
-        self.haproxy = HAProxyProcess(config, self.work_dir)
-        self.haproxy.start()
+        for attempt in range(3):
+            if not self._own_port and (attempt or not self.port or not port_is_free(self.port)):
+                self.port = free_port([self.stats_port, *(r.port for r in self.replicas)])
+            if not self._own_stats_port and (attempt or not self.stats_port or not port_is_free(self.stats_port)):
+                self.stats_port = free_port([self.port, *(r.port for r in self.replicas)])
+            config = HAProxyConfig(tuple(Replica(r.name, HOST, r.port) for r in routed), bind=f"{HOST}:{self.port}",
+                                   affinity=affinity, stats_bind=f"{HOST}:{self.stats_port}")
+            self.haproxy = HAProxyProcess(config, self.work_dir)
+            try:
+                self.haproxy.start()
+                break
+            except DeploymentError as exc:
+                # NOTE: a port chosen here can be taken by another process before HAProxy binds it; ports the
+                # caller chose are never changed
+                if attempt == 2 or "bind" not in str(exc) or (self._own_port and self._own_stats_port):
+                    raise
         self.haproxy.wait_up({r.name for r in routed if r.alive})
         self.log(f"HAProxy at {self.url} ({'affinity' if affinity else 'round robin'}; config "
                  f"{self.haproxy.config_path})")
