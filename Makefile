@@ -45,9 +45,12 @@ browser:
 
 # Every test, slow ones included (real model, server subprocesses, Chromium, 1,000-request runs); each test
 # has a 120 s deadline (pyproject.toml), so a hang fails one test instead of stalling the run.
+# Two pytest-xdist workers (one per core); tests/conftest.py groups the tests that share a loaded model or a
+# module-scoped server. XDIST= runs in one process.
+XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
 test: setup redis browser haproxy
 	$(VENV)/bin/ruff check src tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # A quick loop while editing: everything but the tests marked slow.
 test-quick: setup

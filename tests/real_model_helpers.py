@@ -54,3 +54,19 @@ def engines(weights: str) -> tuple[Engine, Engine]:
         off = Engine(on.model, on.tokenizer, off_config, on.model_id)
         _ENGINES[weights] = (on, off)
     return _ENGINES[weights]
+
+
+def release_engines() -> None:
+    """Drop the cached engines and give their memory back (tests/conftest.py, under pytest-xdist: when a worker
+    moves on from a group of real-model tests, so two workers and the three-replica test fit in memory)."""
+    import ctypes
+    import gc
+
+    while _ENGINES:
+        for engine in _ENGINES.popitem()[1]:
+            engine.close()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
