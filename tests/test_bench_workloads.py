@@ -27,8 +27,11 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    with LiveServer(engine) as live:
+def server(tmp_path_factory):
+    """A server on an engine of its own (same weights and tokenizer as `engine`): a server's engine loop owns the
+    engine it serves and aborts every running request that none of its clients submitted, so an in-process run
+    on the served engine would lose requests whenever the loop's check falls inside the run."""
+    with LiveServer(tiny_chat_engine(tmp_path_factory.mktemp("tok-server"), kv_cache_tokens=16384)) as live:
         yield live
 
 
