@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -40,6 +41,14 @@ def tiny_chat_engine(tmp_dir: Path, clock=time.monotonic, **options) -> Engine:
     config = EngineConfig(dtype="float32", **options)
     model = our_model(tiny_hf_model("qwen2", vocab_size=tokenizer.vocab_size))
     return Engine(model, tokenizer, config, model_id="tiny-chat@test", clock=clock)
+
+
+def twin_engine(engine: Engine) -> Engine:
+    """An engine on the same weights and tokenizer with a pool of its own (and no tiers): where a test computes a
+    reference in-process. NOTE: not the served engine itself: a server's loop owns the engine it serves and aborts
+    every running request none of its clients submitted, so a reference run on it can lose its request."""
+    config = dataclasses.replace(engine.config, kv_disk_dir=None, redis_url=None)
+    return Engine(engine.model, engine.tokenizer, config, model_id=engine.model_id)
 
 
 class LiveServer:

@@ -14,7 +14,7 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
-from server_helpers import LiveServer, no_errors_logged, tiny_chat_engine
+from server_helpers import LiveServer, no_errors_logged, tiny_chat_engine, twin_engine
 
 from promptstash.config import ServerConfig
 from promptstash.server.anthropic_api import _BlockEvents
@@ -225,7 +225,7 @@ def test_assistant_prefill_is_continued(server, client) -> None:
     expected = tokenizer.encode("<|im_start|>user\nsay hello<|im_end|>\n<|im_start|>assistant\nhello world")
     assert counted.input_tokens == len(expected)
     message = create(server, client, messages=messages, max_tokens=5, extra_body={"temperature": 0})
-    again = server.engine.generate(expected, max_tokens=5)
+    again = twin_engine(server.engine).generate(expected, max_tokens=5)
     assert message.content[0].text == again.text  # only the new text, continuing the prefill
 
 

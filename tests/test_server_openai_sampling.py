@@ -8,7 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 import torch
-from server_helpers import LiveServer, no_errors_logged, tiny_chat_engine
+from server_helpers import LiveServer, no_errors_logged, tiny_chat_engine, twin_engine
 
 from promptstash.config import ServerConfig
 from promptstash.prompts import chat_messages
@@ -87,7 +87,7 @@ def test_chat_logprobs_shape_and_values_match_recomputation(server, client) -> N
     choice = response.choices[0]
     content = choice.logprobs.content
     assert len(content) == response.usage.completion_tokens == 5
-    engine = server.engine
+    engine = twin_engine(server.engine)
     for entry in content:
         assert entry.logprob <= 0 and isinstance(entry.bytes, list)
         assert len(entry.top_logprobs) == 3
