@@ -166,14 +166,6 @@ class RedisResponseStore:
         self.num_failed_calls = 0  # Redis calls that failed or were skipped while backing off
         self.num_damaged = 0  # entries read that were not readable for their key
 
-    @property
-    def retry_interval_s(self) -> float:
-        return self._guard.retry_interval_s
-
-    @retry_interval_s.setter
-    def retry_interval_s(self, seconds: float) -> None:
-        self._guard.retry_interval_s = seconds
-
     def key(self, tenant: str, response_id: str) -> str:
         return f"{self.key_prefix}{{{quote(tenant, safe='')}/{quote(response_id, safe='')}}}"
 
